@@ -1,0 +1,1 @@
+"""Data layer: records from disk layouts, splits, cached tensors, the Lightning datamodule."""

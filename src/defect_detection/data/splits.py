@@ -1,0 +1,100 @@
+"""Train/val/test assignment of records: an honest stratified split and the seed's protocol."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from defect_detection import DEFECT, UserError
+from defect_detection.data.records import ImageRecord
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    train: list[ImageRecord]
+    val: list[ImageRecord]
+    test: list[ImageRecord]
+    leaky: bool = False  # True when the report set is the set the threshold was chosen on
+    notes: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> list[ImageRecord]:
+        return getattr(self, name)
+
+    def assignment(self) -> list[dict]:
+        """Every record with the split it landed in, for the audit trail."""
+        return [{**r.to_dict(), "split": name} for name in SPLITS for r in self[name]]
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for key, value in (("split.val_fraction", val_fraction), ("split.test_fraction", test_fraction)):
+        if not 0 <= value < 1:
+            raise UserError(f"{key}={value} is outside [0, 1).")
+    if val_fraction + test_fraction >= 1:
+        raise UserError(f"split.val_fraction + split.test_fraction = {val_fraction + test_fraction:g}"
+                        " leaves no training data; their sum must be below 1.")
+
+
+def stratified_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
+                     test_fraction: float = 0.2, seed: int = 0) -> Split:
+    """Pool every image and split each (category, label) stratum with the same fractions."""
+    _check_fractions(val_fraction, test_fraction)
+    strata: dict[tuple[str, int], list[ImageRecord]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: r.path):
+        strata[(r.category, r.label)].append(r)
+    out: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
+    rng = random.Random(seed)
+    for key in sorted(strata):
+        items = strata[key]
+        rng.shuffle(items)
+        n = len(items)
+        n_test = round(n * test_fraction) if test_fraction else 0
+        n_val = round(n * val_fraction) if val_fraction else 0
+        # Every stratum with enough images must reach val and test so both can be scored.
+        if test_fraction and n >= 3:
+            n_test = max(n_test, 1)
+        if val_fraction and n >= 3:
+            n_val = max(n_val, 1)
+        out["test"] += items[:n_test]
+        out["val"] += items[n_test:n_test + n_val]
+        out["train"] += items[n_test + n_val:]
+    split = Split(**out)
+    _check_nonempty(split)
+    return split
+
+
+def seed_protocol_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
+                        seed: int = 42) -> Split:
+    """The seed notebook's protocol, kept for reproduction only.
+
+    train/good plus the test defects are pooled (test/good is unused), sorted by path, shuffled
+    with `seed` and cut 80/20. The 20% is both the threshold-selection set and the report set,
+    so every number reported on it is optimistic: the split is flagged leaky.
+    """
+    _check_fractions(val_fraction, 0.0)
+    pool = [r for r in records if r.source_split != "test" or r.label == DEFECT]
+    pool.sort(key=lambda r: r.path)
+    random.Random(seed).shuffle(pool)
+    n_val = int(len(pool) * val_fraction)
+    val = pool[len(pool) - n_val:]
+    split = Split(train=pool[:len(pool) - n_val], val=val, test=list(val), leaky=True,
+                  notes=["seed protocol: the test set IS the validation set (leaky, reproduction only)"])
+    log.warning("split=seed: the threshold is chosen on the same images it is reported on. "
+                "Use split=stratified for honest numbers.")
+    _check_nonempty(split)
+    return split
+
+
+def _check_nonempty(split: Split) -> None:
+    for name in SPLITS:
+        if not split[name]:
+            raise UserError(f"The {name} split is empty after splitting "
+                            f"({len(split.train)}/{len(split.val)}/{len(split.test)} train/val/test). "
+                            "Add images or change split.val_fraction / split.test_fraction.")
+    if not any(r.label == DEFECT for r in split.train):
+        raise UserError("The train split has no defect images; add defects or change the split fractions.")

@@ -1,0 +1,1 @@
+"""Metrics, threshold policies, reports and error analysis."""

@@ -1,0 +1,104 @@
+"""Decision-threshold policies, chosen on validation scores and applied unchanged to test.
+
+A part is rejected as defective when p_defect >= threshold. Candidate thresholds are 0, the
+midpoints between consecutive distinct scores, and a point above the highest score, so a chosen
+threshold sits as far as possible from the validation scores on either side of it. Ties between
+equally good candidates go to fewer false positives, then to the higher threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from defect_detection import UserError
+
+log = logging.getLogger(__name__)
+POLICIES = ("fixed", "max_recall_at_fp", "min_fp_at_recall", "f1_max", "cost")
+
+
+@dataclass
+class ThresholdChoice:
+    value: float
+    policy: str
+    chosen_on: str
+    counts: dict = field(default_factory=dict)  # tp/fp/fn/tn on the split it was chosen on
+    warnings: list[str] = field(default_factory=list)
+
+
+def counts_at(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> dict[str, np.ndarray]:
+    """tp, fp, fn, tn for each threshold (decision: score >= threshold)."""
+    pos = np.sort(scores[labels == 1])
+    neg = np.sort(scores[labels == 0])
+    tp = len(pos) - np.searchsorted(pos, thresholds, side="left")
+    fp = len(neg) - np.searchsorted(neg, thresholds, side="left")
+    return {"tp": tp, "fp": fp, "fn": len(pos) - tp, "tn": len(neg) - fp}
+
+
+def candidates(scores: np.ndarray) -> np.ndarray:
+    unique = np.unique(scores)
+    top = min(1.0, unique[-1] + (1.0 - unique[-1]) / 2) if len(unique) else 1.0
+    mids = (unique[:-1] + unique[1:]) / 2
+    return np.unique(np.concatenate([[0.0], mids, [top]]))
+
+
+def _best(thresholds: np.ndarray, objective: np.ndarray, fp: np.ndarray, feasible: np.ndarray) -> int:
+    """Index of the best feasible candidate: max objective, then min FP, then max threshold."""
+    idx = np.flatnonzero(feasible)
+    order = np.lexsort((-thresholds[idx], fp[idx], -objective[idx]))
+    return int(idx[order[0]])
+
+
+def choose_threshold(policy: str, scores, labels, *, value: float = 0.5, max_fp: int = 0,
+                     min_recall: float = 0.95, cost_fp: float = 1.0, cost_fn: float = 1.0,
+                     fallback: float = 0.5, chosen_on: str = "val") -> ThresholdChoice:
+    """Apply a policy to (p_defect, label) arrays of the selection split."""
+    if policy not in POLICIES:
+        raise UserError(f"threshold.policy={policy!r} is unknown; choose one of {list(POLICIES)}.")
+    for key, v in (("threshold.value", value), ("threshold.min_recall", min_recall),
+                   ("threshold.fallback", fallback)):
+        if not 0.0 <= v <= 1.0:
+            raise UserError(f"{key}={v} is outside [0, 1].")
+    if max_fp < 0 or cost_fp < 0 or cost_fn < 0:
+        raise UserError("threshold.max_fp, cost_fp and cost_fn must be >= 0.")
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(int)
+    warnings: list[str] = []
+
+    if policy == "fixed":
+        t = float(value)
+    elif not (labels == 1).any() or not (labels == 0).any():
+        missing = "defect" if not (labels == 1).any() else "good"
+        warnings.append(f"{chosen_on} split has no {missing} images: policy {policy} cannot be "
+                        f"applied; using threshold.fallback={fallback}")
+        t = float(fallback)
+    else:
+        ts = candidates(scores)
+        c = counts_at(scores, labels, ts)
+        n_pos = c["tp"] + c["fn"]
+        recall = c["tp"] / n_pos
+        ok = np.ones_like(ts, dtype=bool)
+        if policy == "max_recall_at_fp":
+            ok = c["fp"] <= max_fp
+            i = _best(ts, recall, c["fp"], ok)
+            if recall[i] == 0:
+                warnings.append(f"no threshold reaches any recall with <= {max_fp} false positives "
+                                f"on {chosen_on}: the scores do not separate the classes")
+        elif policy == "min_fp_at_recall":
+            ok = recall >= min_recall - 1e-12
+            i = _best(ts, -c["fp"].astype(float), c["fp"], ok)
+        elif policy == "f1_max":
+            f1 = 2 * c["tp"] / np.maximum(2 * c["tp"] + c["fp"] + c["fn"], 1)
+            i = _best(ts, f1, c["fp"], ok)
+        else:
+            i = _best(ts, -(cost_fp * c["fp"] + cost_fn * c["fn"]), c["fp"], ok)
+        if len(np.unique(scores)) == 1:
+            warnings.append(f"all {chosen_on} scores are equal ({scores[0]:.4g}): the threshold "
+                            "carries no information")
+        t = float(ts[i])
+    final = counts_at(scores, labels, np.array([t]))
+    for w in warnings:
+        log.warning("threshold: %s", w)
+    return ThresholdChoice(t, policy, chosen_on, {k: int(v[0]) for k, v in final.items()}, warnings)

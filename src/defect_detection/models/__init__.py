@@ -1,0 +1,1 @@
+"""Backbones, freezing policies, losses and the LightningModule."""

@@ -1,0 +1,119 @@
+"""The LightningModule: backbone + head, frozen parts, loss, metrics, decision threshold."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics.classification import BinaryConfusionMatrix
+
+from defect_detection.evaluation.metrics import decision_metrics, ranking_metrics
+
+
+class DefectClassifier(pl.LightningModule):
+    """Good/defect classifier; `threshold` is a buffer so checkpoints carry the decision rule."""
+
+    def __init__(self, net: nn.Module, loss_fn: nn.Module, optimizer: Callable, scheduler: Callable | None,
+                 frozen_bn: Sequence[nn.Module] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
+                 std: Sequence[float] = (0.5, 0.5, 0.5), threshold: float = 0.5,
+                 channels_last: bool = False) -> None:
+        super().__init__()
+        self.net, self.loss_fn = net, loss_fn
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self._frozen_bn = list(frozen_bn)
+        self.channels_last = channels_last
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.val_decisions, self.val_ranking = decision_metrics("val/"), ranking_metrics("val/")
+        self.test_decisions, self.test_ranking = decision_metrics("test/"), ranking_metrics("test/")
+        self.test_confusion = BinaryConfusionMatrix()
+        self.outputs: dict[str, dict[str, torch.Tensor]] = {}
+        self._collect: dict[str, list] = {}
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    # -- model -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def p_defect(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x).float().softmax(dim=1)[:, 1]
+
+    def set_threshold(self, value: float) -> None:
+        self.threshold.fill_(float(value))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for bn in self._frozen_bn:  # frozen BatchNorm keeps its ImageNet statistics
+            bn.eval()
+        return self
+
+    # -- steps -----------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        loss = self.loss_fn(self(x), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, stage: str, batch, threshold: float) -> None:
+        x, y, idx = batch
+        logits = self(x).float()
+        p = logits.softmax(dim=1)[:, 1]
+        pred = (p >= threshold).long()
+        decisions = getattr(self, f"{stage}_decisions")
+        ranking = getattr(self, f"{stage}_ranking")
+        decisions.update(pred, y)
+        ranking.update(p, y)
+        self.log(f"{stage}/loss", self.loss_fn(logits, y), on_epoch=True, prog_bar=stage == "val",
+                 batch_size=len(y), sync_dist=True)
+        self.log_dict(decisions, on_epoch=True, batch_size=len(y))
+        self.log_dict(ranking, on_epoch=True, prog_bar=stage == "val", batch_size=len(y))
+        self._collect.setdefault(stage, []).append((p.detach().cpu(), y.cpu(), idx.cpu()))
+        if stage == "test":
+            self.test_confusion.update(pred, y)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch, 0.5)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step("test", batch, float(self.threshold))
+
+    def _gather(self, stage: str) -> None:
+        parts = self._collect.pop(stage, [])
+        if parts:
+            p, y, idx = (torch.cat(t) for t in zip(*parts))
+            self.outputs[stage] = {"p_defect": p, "label": y, "index": idx}
+
+    def on_validation_epoch_start(self) -> None:
+        self._collect.pop("val", None)
+
+    def on_validation_epoch_end(self) -> None:
+        self._gather("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._collect.pop("test", None)
+        self.test_confusion.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._gather("test")
+        (tn, fp), (fn, tp) = self.test_confusion.compute().tolist()
+        self.log_dict({"test/tn": float(tn), "test/fp": float(fp), "test/fn": float(fn),
+                       "test/tp": float(tp), "test/threshold": float(self.threshold)})
+
+    def predict_step(self, batch, batch_idx):
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.p_defect(x)
+
+    # -- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,1 @@
+"""MLflow: tracking setup, artifact logging, model packaging, the registry."""

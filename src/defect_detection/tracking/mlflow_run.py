@@ -1,0 +1,139 @@
+"""A thin handle on one MLflow run: what the entry points hand their results to."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+from mlflow import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from defect_detection import project_root
+
+log = logging.getLogger(__name__)
+
+
+def ensure_local_store(tracking_uri: str) -> None:
+    """Create the folder of a sqlite store; MLflow creates the database itself."""
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def artifact_uri(path: str | Path | None) -> str | None:
+    """A local folder as a file:// URI (what MLflow expects); URIs pass through."""
+    if path is None or urlparse(str(path)).scheme in ("file", "s3", "gs", "wasbs", "http", "https",
+                                                      "mlflow-artifacts", "hdfs", "dbfs"):
+        return None if path is None else str(path)
+    return Path(path).expanduser().resolve().as_uri()
+
+
+def flatten(cfg: Mapping | DictConfig, prefix: str = "") -> dict[str, str]:
+    """Dotted-key params from a nested config (lists rendered as their YAML flow form)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    out: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def git_commit() -> str:
+    try:
+        root = project_root()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunTracker:
+    """Logs to one run when tracking is on; every method is a no-op when it is off."""
+
+    def __init__(self, client: MlflowClient | None = None, run_id: str | None = None,
+                 tracking_uri: str | None = None) -> None:
+        self.client, self.run_id, self.tracking_uri = client, run_id, tracking_uri
+
+    @property
+    def enabled(self) -> bool:
+        return self.client is not None and self.run_id is not None
+
+    @classmethod
+    def from_lightning_logger(cls, logger) -> RunTracker:
+        if logger is None:
+            return cls()
+        return cls(logger.experiment, logger.run_id, logger._tracking_uri)
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        if self.enabled:
+            from mlflow.entities import Param
+
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for start in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.enabled:
+            import time
+
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        if self.enabled:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, data: object, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_table_csv(self, frame, artifact_file: str) -> None:
+        if self.enabled:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(artifact_file).name
+                frame.to_csv(path, index=False)
+                parent = str(Path(artifact_file).parent)
+                self.log_artifact(path, None if parent == "." else parent)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status)
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the run FAILED and keep the traceback with it."""
+        if not self.enabled:
+            return
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        try:
+            self.log_text(text, "error/traceback.txt")
+            self.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+        finally:
+            self.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")

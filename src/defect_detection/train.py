@@ -1,0 +1,157 @@
+"""`defect-train`: compose the configs, fit, pick the threshold on val, test, log to MLflow."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import hydra
+import mlflow
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from defect_detection import UserError
+from defect_detection.config import CONFIG_DIR
+from defect_detection.data.datamodule import DefectDataModule
+from defect_detection.data.records import check_records
+from defect_detection.data.transforms import build_eval_transform, build_train_transform
+from defect_detection.evaluation.thresholds import choose_threshold
+from defect_detection.models.backbones import build_network
+from defect_detection.models.freezing import apply_freezing, resolve_trainable
+from defect_detection.models.inference import save_bundle
+from defect_detection.models.losses import build_loss
+from defect_detection.models.module import DefectClassifier
+from defect_detection.tracking.mlflow_run import (
+    RunTracker,
+    artifact_uri,
+    ensure_local_store,
+    flatten,
+    git_commit,
+)
+from defect_detection.tracking.pyfunc import log_pyfunc
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig) -> DefectDataModule:
+    records = instantiate(cfg.data.records)
+    check_records(records, str(cfg.data.root))
+    split = instantiate(cfg.split.make)(records)
+    size, bb = cfg.data.image_size, cfg.backbone
+    return DefectDataModule(
+        split, size, build_train_transform(cfg.augmentation, size, bb.mean, bb.std),
+        build_eval_transform(size, bb.mean, bb.std), cfg.data.batch_size, cfg.data.num_workers)
+
+
+def build_module(cfg: DictConfig, class_counts: tuple[int, int]) -> DefectClassifier:
+    bb = cfg.backbone
+    net = build_network(bb.name, bb.pretrained, bb.weights_path)
+    trainable = cfg.freezing.trainable
+    prefixes = resolve_trainable(net, trainable if isinstance(trainable, str) else list(trainable),
+                                 OmegaConf.to_container(bb.stages))
+    frozen_bn = apply_freezing(net, prefixes)
+    loss = build_loss(cfg.loss.name, class_counts, cfg.loss.get("weights"), cfg.loss.get("gamma", 2.0))
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    return DefectClassifier(net, loss, instantiate(cfg.optimizer), scheduler,
+                            frozen_bn if cfg.freezing.bn_eval else (), bb.mean, bb.std)
+
+
+def build_logger(cfg: DictConfig):
+    if not cfg.get("logger"):
+        return None
+    ensure_local_store(cfg.logger.tracking_uri)
+    return instantiate(cfg.logger, artifact_location=artifact_uri(cfg.logger.get("artifact_location")))
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one experiment; returns val/test metrics, the threshold and the run id."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    split = datamodule.split
+    module = build_module(cfg, datamodule.class_counts("train"))
+    logger = build_logger(cfg)
+    tracker = RunTracker.from_lightning_logger(logger)
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c]
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
+    try:
+        _log_setup(tracker, cfg, split)
+        trainer.fit(module, datamodule=datamodule)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        val_metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
+                                       verbose=False)[0]
+        val = module.outputs["val"]
+        choice = choose_threshold(chosen_on="val", scores=val["p_defect"].numpy(),
+                                  labels=val["label"].numpy(),
+                                  **OmegaConf.to_container(cfg.threshold, resolve=True))
+        module.set_threshold(choice.value)
+        test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        result = {"val": val_metrics, "test": test_metrics, "threshold": choice.value,
+                  "run_id": tracker.run_id, "best_checkpoint": best}
+        _log_results(tracker, cfg, module, choice, best, split)
+        tracker.finish("FINISHED")
+    except BaseException as err:
+        tracker.fail(err)
+        raise
+    log.info("val/auroc %.4f | test: auroc %.4f recall %.4f fp %d at threshold %.4f (%s on val)",
+             val_metrics.get("val/auroc", float("nan")), test_metrics.get("test/auroc", float("nan")),
+             test_metrics.get("test/recall", float("nan")), test_metrics.get("test/fp", -1),
+             choice.value, choice.policy)
+    return result
+
+
+def _log_setup(tracker: RunTracker, cfg: DictConfig, split) -> None:
+    if not tracker.enabled:
+        return
+    tracker.log_params(flatten(cfg))
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    counts = {f"{s}": len(split[s]) for s in ("train", "val", "test")}
+    tracker.set_tags({
+        "git_commit": git_commit(), "dataset": cfg.data.name, "categories": ",".join(cfg.data.categories),
+        "backbone": cfg.backbone.name, "split": cfg.split.name, "leaky_protocol": split.leaky,
+        "split_sizes": counts,
+    })
+    if split.leaky:
+        tracker.set_tags({"warning": "; ".join(split.notes)})
+
+
+def _log_results(tracker: RunTracker, cfg: DictConfig, module: DefectClassifier, choice, best: str,
+                 split) -> None:
+    if not tracker.enabled:
+        return
+    tracker.set_tags({"threshold_policy": choice.policy, "threshold_chosen_on": choice.chosen_on,
+                      **({"threshold_warnings": " | ".join(choice.warnings)} if choice.warnings else {})})
+    tracker.log_dict({"value": choice.value, "policy": choice.policy, "chosen_on": choice.chosen_on,
+                      "counts_on_val": choice.counts, "warnings": choice.warnings,
+                      "config": OmegaConf.to_container(cfg.threshold, resolve=True)},
+                     "reports/threshold.json")
+    if best:
+        tracker.log_artifact(best, "checkpoints")
+    if cfg.get("log_model", True):
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = save_bundle(Path(tmp) / "bundle.pt", module.net, backbone=cfg.backbone.name,
+                                 image_size=cfg.data.image_size, mean=cfg.backbone.mean,
+                                 std=cfg.backbone.std, threshold=choice.value,
+                                 threshold_policy=choice.policy)
+            mlflow.set_tracking_uri(tracker.tracking_uri)
+            with mlflow.start_run(run_id=tracker.run_id):
+                log_pyfunc(bundle)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    value = metrics["val"].get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+    return None if value is None else float(value)
+
+
+def main() -> None:
+    try:
+        _hydra_main()
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

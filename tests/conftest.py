@@ -1,0 +1,41 @@
+"""Shared fixtures: real configs composed against a temporary project root, tiny synthetic data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from defect_detection.config import CONFIG_DIR
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def compose_train(root: Path, *overrides: str, fast: bool = True) -> DictConfig:
+    """The real train config, with paths under `root` and (by default) the tiny debug overlay."""
+    base = [f"paths.root_dir={root}", f"paths.output_dir={root}/outputs"]
+    if fast:
+        base.append("debug=fast")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=[*base, *overrides])
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    def factory(*overrides: str, fast: bool = True) -> DictConfig:
+        return compose_train(tmp_path, *overrides, fast=fast)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small synthetic MVTec tree shared by the read-only tests."""
+    from defect_detection.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    return generate_synthetic(root, n_train_good=6, n_test_good=4, n_per_defect=3, image_size=64)

@@ -1,0 +1,71 @@
+"""Every option of every config group composes, and its objects instantiate."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from defect_detection.config import CONFIG_DIR
+from defect_detection.data.transforms import build_train_transform
+from defect_detection.models.losses import build_loss
+from defect_detection.train import build_module
+
+GROUPS = ["data", "split", "backbone", "freezing", "loss", "threshold", "augmentation", "optimizer",
+          "scheduler", "trainer", "logger", "callbacks", "experiment", "debug"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+CASES = [(g, o) for g in GROUPS for o in _options(g)]
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert _options(group), group
+
+
+@pytest.mark.parametrize("group, option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_option_composes_and_instantiates(cfg_factory, group, option, tmp_path):
+    extra = ["data.root=/tmp/folder"] if (group, option) == ("data", "folder") else []
+    cfg = cfg_factory(f"{group}={option}", *extra)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    if cfg.backbone.name.startswith("resnet"):
+        cfg.backbone.pretrained = False  # no ImageNet ResNet weights offline; tested elsewhere
+    module = build_module(cfg, (10, 5))
+    optimizer = module.configure_optimizers()
+    assert optimizer
+    image = torch.randint(0, 255, (3, 80, 80), dtype=torch.uint8)
+    out = build_train_transform(cfg.augmentation, cfg.data.image_size, cfg.backbone.mean,
+                                cfg.backbone.std)(image)
+    assert out.shape == (3, cfg.data.image_size, cfg.data.image_size) and out.dtype == torch.float32
+    build_loss(cfg.loss.name, (10, 5), cfg.loss.get("weights"))
+    assert callable(instantiate(cfg.split.make))
+    for callback in cfg.callbacks.values():
+        if callback:
+            instantiate(callback)
+    if cfg.get("logger"):
+        assert instantiate(cfg.logger, _partial_=True)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg["accelerator"] == "gpu" and not torch.cuda.is_available():
+        return
+    instantiate(trainer_cfg, logger=False, enable_progress_bar=False)
+
+
+def test_seed_protocol_overlay_states_the_seed(cfg_factory):
+    cfg = cfg_factory("experiment=seed_protocol", fast=False)
+    assert cfg.split.name == "seed" and cfg.backbone.name == "resnet18"
+    assert cfg.threshold.policy == "fixed" and cfg.threshold.value == 0.2
+    assert cfg.optimizer.lr == 3e-5 and cfg.optimizer.weight_decay == 1e-4
+    assert cfg.trainer.max_epochs == 8 and cfg.data.batch_size == 32
+    assert list(cfg.freezing.trainable) == ["last_stage", "head"]
+
+
+def test_tracking_uri_is_absolute_and_env_overridable(cfg_factory, monkeypatch, tmp_path):
+    cfg = cfg_factory()
+    assert cfg.logger.tracking_uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert cfg_factory().logger.tracking_uri == "http://127.0.0.1:5999"

@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defect_detection import DEFECT, GOOD, UserError
+from defect_detection.data.images import load_rgb
+from defect_detection.data.records import check_records, read_folder, read_mvtec
+from defect_detection.data.synthetic import DEFECT_TYPES, generate_synthetic
+
+
+def _img(path: Path, mode: str = "RGB", size: int = 16) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (size, size), 128 if mode in ("L", "P") else (10, 200, 30, 255)[: len(mode)]).save(path)
+    return path
+
+
+def test_synthetic_counts_and_masks(synthetic_root):
+    records = read_mvtec(synthetic_root, ["disc", "plate", "mesh"])
+    assert len(records) == 3 * (6 + 4 + 3 * len(DEFECT_TYPES))
+    defects = [r for r in records if r.label == DEFECT]
+    assert len(defects) == 3 * 3 * len(DEFECT_TYPES)
+    assert all(r.mask_path and Path(r.mask_path).is_file() for r in defects)
+    assert all(r.mask_path is None for r in records if r.label == GOOD)
+    assert {r.defect_type for r in defects} == set(DEFECT_TYPES)
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    a = generate_synthetic(tmp_path / "a", ["disc"], 2, 1, 1, 32, seed=3)
+    b = generate_synthetic(tmp_path / "b", ["disc"], 2, 1, 1, 32, seed=3)
+    for path in sorted(a.rglob("*.png")):
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(b / path.relative_to(a))))
+
+
+def test_mvtec_reader_modes_masks_and_missing_ground_truth(tmp_path):
+    cat = tmp_path / "widget"
+    _img(cat / "train/good/000.png", "L")
+    _img(cat / "train/good/001.png", "RGBA")
+    _img(cat / "test/good/000.png")
+    _img(cat / "test/crack/000.png")
+    _img(cat / "test/crack/001.png")
+    _img(cat / "ground_truth/crack/000_mask.png", "L")
+    _img(cat / "test/hole/000.png")  # no ground_truth/hole at all
+    records = read_mvtec(tmp_path, ["widget"])
+    by_name = {(r.defect_type, Path(r.path).name): r for r in records}
+    assert by_name[("crack", "000.png")].mask_path.endswith("000_mask.png")
+    assert by_name[("crack", "001.png")].mask_path is None
+    assert by_name[("hole", "000.png")].mask_path is None
+    assert by_name[("good", "000.png")].source_split == "test"
+    for r in records:
+        im = load_rgb(r.path)
+        assert im.mode == "RGB" and im.size == (16, 16)
+
+
+def test_mvtec_reader_unknown_category_names_it(tmp_path):
+    _img(tmp_path / "widget/train/good/000.png")
+    with pytest.raises(UserError, match="gadget.*widget"):
+        read_mvtec(tmp_path, ["gadget"])
+
+
+def test_missing_root_names_path(tmp_path):
+    with pytest.raises(UserError, match="does-not-exist"):
+        read_mvtec(tmp_path / "does-not-exist", ["bottle"])
+
+
+def test_folder_layout(tmp_path):
+    _img(tmp_path / "good/a.png")
+    _img(tmp_path / "good/b.jpg")
+    _img(tmp_path / "defect/scratch/c.png")
+    _img(tmp_path / "defect/d.png")
+    records = read_folder(tmp_path, category="line1")
+    assert sorted((r.label, r.defect_type) for r in records) == [
+        (GOOD, "good"), (GOOD, "good"), (DEFECT, "defect"), (DEFECT, "scratch")]
+    check_records(records, str(tmp_path))
+
+
+def test_one_class_dataset_is_refused(tmp_path):
+    _img(tmp_path / "good/a.png")
+    (tmp_path / "defect").mkdir()
+    with pytest.raises(UserError, match="No defect images"):
+        check_records(read_folder(tmp_path), str(tmp_path))

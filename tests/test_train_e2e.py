@@ -1,0 +1,55 @@
+"""A real (tiny) training run leaves a complete MLflow run behind."""
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from defect_detection.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tests.conftest import compose_train
+
+    root = tmp_path_factory.mktemp("project")
+    cfg = compose_train(root, "trainer.max_epochs=2", "threshold=f1_max")
+    result = train(cfg)
+    return cfg, result
+
+
+def test_run_is_finished_with_params_metrics_and_artifacts(trained):
+    cfg, result = trained
+    client = MlflowClient(cfg.logger.tracking_uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["backbone.name"] == "efficientnet_lite0"
+    assert run.data.params["optimizer.lr"] == "3e-05"
+    assert run.data.tags["dataset"] == "synthetic" and run.data.tags["backbone"] == "efficientnet_lite0"
+    assert run.data.tags["git_commit"]
+    assert len(client.get_metric_history(run.info.run_id, "val/auroc")) >= 2  # per epoch
+    for name in ("test/auroc", "test/recall", "test/fp", "test/threshold", "train/loss_epoch"):
+        assert name in run.data.metrics, name
+    assert run.data.metrics["test/threshold"] == pytest.approx(result["threshold"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoints", "reports"} <= artifacts
+    ckpts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert any(p.endswith(".ckpt") for p in ckpts)
+    config_text = client.download_artifacts(run.info.run_id, "config.yaml")
+    assert "efficientnet_lite0" in open(config_text).read()
+
+
+def test_logged_model_predicts_any_batch_size_with_the_logged_threshold(trained, synthetic_root):
+    cfg, result = trained
+    mlflow.set_tracking_uri(cfg.logger.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{result['run_id']}/model")
+    paths = sorted(str(p) for p in synthetic_root.glob("disc/test/*/*.png"))[:5]
+    out = model.predict(pd.DataFrame({"path": paths}))
+    assert list(out["path"]) == paths and out["p_defect"].between(0, 1).all()
+    assert np.allclose(out["threshold"], result["threshold"])
+    assert (out["is_defect"] == (out["p_defect"] >= result["threshold"])).all()
+    single = model.predict(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8))
+    assert len(single) == 1
+    batch = model.predict([np.zeros((50, 60, 3), np.uint8)] * 3)
+    assert len(batch) == 3
