@@ -53,3 +53,16 @@ def test_logged_model_predicts_any_batch_size_with_the_logged_threshold(trained,
     assert len(single) == 1
     batch = model.predict([np.zeros((50, 60, 3), np.uint8)] * 3)
     assert len(batch) == 3
+
+
+def test_checkpoint_and_logged_model_decide_identically(trained, synthetic_root):
+    from defect_detection.models.inference import load_predictor
+
+    cfg, result = trained
+    mlflow.set_tracking_uri(cfg.logger.tracking_uri)
+    paths = sorted(str(p) for p in synthetic_root.glob("plate/test/*/*.png"))
+    from_model = load_predictor(f"runs:/{result['run_id']}/model")
+    from_ckpt = load_predictor(result["best_checkpoint"])
+    # the checkpoint was saved before the threshold was chosen; the weights are the same
+    assert np.allclose(from_model.p_defect(paths), from_ckpt.p_defect(paths), atol=1e-6)
+    assert from_model.threshold == pytest.approx(result["threshold"])

@@ -54,8 +54,9 @@ def build_module(cfg: DictConfig, class_counts: tuple[int, int]) -> DefectClassi
     frozen_bn = apply_freezing(net, prefixes)
     loss = build_loss(cfg.loss.name, class_counts, cfg.loss.get("weights"), cfg.loss.get("gamma", 2.0))
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    meta = {"backbone": bb.name, "image_size": int(cfg.data.image_size)}
     return DefectClassifier(net, loss, instantiate(cfg.optimizer), scheduler,
-                            frozen_bn if cfg.freezing.bn_eval else (), bb.mean, bb.std)
+                            frozen_bn if cfg.freezing.bn_eval else (), bb.mean, bb.std, meta=meta)
 
 
 def build_logger(cfg: DictConfig):
@@ -89,7 +90,7 @@ def train(cfg: DictConfig) -> dict:
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         result = {"val": val_metrics, "test": test_metrics, "threshold": choice.value,
                   "run_id": tracker.run_id, "best_checkpoint": best}
-        _log_results(tracker, cfg, module, choice, best, split)
+        _log_results(tracker, cfg, module, choice, best, datamodule)
         tracker.finish("FINISHED")
     except BaseException as err:
         tracker.fail(err)
@@ -117,7 +118,9 @@ def _log_setup(tracker: RunTracker, cfg: DictConfig, split) -> None:
 
 
 def _log_results(tracker: RunTracker, cfg: DictConfig, module: DefectClassifier, choice, best: str,
-                 split) -> None:
+                 datamodule: DefectDataModule) -> None:
+    """Everything logged after test: module.outputs[stage] holds p_defect/label/index, and
+    datamodule.records(stage)[index] is the record behind each score."""
     if not tracker.enabled:
         return
     tracker.set_tags({"threshold_policy": choice.policy, "threshold_chosen_on": choice.chosen_on,

@@ -34,14 +34,28 @@ def save_bundle(path: str | Path, net: torch.nn.Module, *, backbone: str, image_
     return path
 
 
+def _read_bundle(path: str | Path) -> tuple[dict, dict]:
+    """(meta, net state_dict) from a bundle .pt or a Lightning .ckpt written by training."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Model file not found: {path}.")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if "meta" in data:
+        return data["meta"], data["state_dict"]
+    if "defect_meta" in data:
+        state = {k[len("net."):]: v for k, v in data["state_dict"].items() if k.startswith("net.")}
+        return {"class_names": list(CLASS_NAMES), "temperature": 1.0, "threshold_policy": "checkpoint",
+                **data["defect_meta"]}, state
+    raise UserError(f"{path} is neither an inference bundle nor a checkpoint written by defect-train.")
+
+
 class Predictor:
     """Scores images with a bundle: paths, PIL images or HxWx3 uint8 arrays of any size."""
 
     def __init__(self, bundle_path: str | Path, device: str = "cpu", batch_size: int = 32) -> None:
-        bundle = torch.load(bundle_path, map_location="cpu", weights_only=True)
-        self.meta = bundle["meta"]
+        self.meta, state = _read_bundle(bundle_path)
         self.net = build_network(self.meta["backbone"], pretrained=False)
-        self.net.load_state_dict(bundle["state_dict"], strict=True)
+        self.net.load_state_dict(state, strict=True)
         self.device = torch.device(device)
         self.net.to(self.device).eval()
         self.batch_size = batch_size
@@ -93,3 +107,17 @@ class Predictor:
         return pd.DataFrame({"p_defect": p.astype(float), "is_defect": is_defect,
                              "decision": np.where(is_defect, CLASS_NAMES[1], CLASS_NAMES[0]),
                              "threshold": self.threshold})
+
+
+def load_predictor(source: str | Path, device: str = "cpu") -> Predictor:
+    """A Predictor from a bundle (.pt), a checkpoint (.ckpt) or an MLflow model URI (runs:/, models:/)."""
+    text = str(source)
+    if "://" in text or text.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        model = mlflow.pyfunc.load_model(text)
+        predictor = model.unwrap_python_model().predictor
+        predictor.net.to(device)
+        predictor.device = torch.device(device)
+        return predictor
+    return Predictor(source, device=device)

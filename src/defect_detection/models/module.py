@@ -18,12 +18,13 @@ class DefectClassifier(pl.LightningModule):
     def __init__(self, net: nn.Module, loss_fn: nn.Module, optimizer: Callable, scheduler: Callable | None,
                  frozen_bn: Sequence[nn.Module] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5), threshold: float = 0.5,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, meta: dict | None = None) -> None:
         super().__init__()
         self.net, self.loss_fn = net, loss_fn
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self._frozen_bn = list(frozen_bn)
         self.channels_last = channels_last
+        self.meta = dict(meta or {})  # backbone name, image size: what rebuilds the net from a .ckpt
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
@@ -52,6 +53,10 @@ class DefectClassifier(pl.LightningModule):
         for bn in self._frozen_bn:  # frozen BatchNorm keeps its ImageNet statistics
             bn.eval()
         return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["defect_meta"] = {**self.meta, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                                     "threshold": float(self.threshold)}
 
     # -- steps -----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
