@@ -23,6 +23,7 @@ from defect_detection.models.freezing import apply_freezing, resolve_trainable
 from defect_detection.models.inference import save_bundle
 from defect_detection.models.losses import build_loss
 from defect_detection.models.module import DefectClassifier
+from defect_detection.schema import validate_train_config
 from defect_detection.tracking.mlflow_run import (
     RunTracker,
     artifact_uri,
@@ -68,6 +69,7 @@ def build_logger(cfg: DictConfig):
 
 def train(cfg: DictConfig) -> dict:
     """Run one experiment; returns val/test metrics, the threshold and the run id."""
+    validate_train_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     split = datamodule.split

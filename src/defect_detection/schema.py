@@ -1,0 +1,126 @@
+"""Up-front validation of the composed config: fail before any data is read or weights loaded.
+
+Hydra already rejects unknown group options; this catches values that compose fine but cannot
+work (a negative learning rate, split fractions that leave nothing to train on, a threshold
+outside [0, 1]) and names the key, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from defect_detection import UserError
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class OptimizerSchema(_Loose):
+    lr: float = Field(gt=0, le=10)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class SplitMakeSchema(_Loose):
+    val_fraction: float = Field(ge=0, lt=1)
+    test_fraction: float = Field(default=0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g}"
+                             " leaves no training data; the sum must be below 1")
+        return self
+
+
+class SplitSchema(_Loose):
+    make: SplitMakeSchema
+
+
+class ThresholdSchema(_Loose):
+    policy: Literal["fixed", "max_recall_at_fp", "min_fp_at_recall", "f1_max", "cost"]
+    value: float = Field(default=0.5, ge=0, le=1)
+    max_fp: int = Field(default=0, ge=0)
+    min_recall: float = Field(default=0.95, ge=0, le=1)
+    cost_fp: float = Field(default=1.0, ge=0)
+    cost_fn: float = Field(default=1.0, ge=0)
+    fallback: float = Field(default=0.5, ge=0, le=1)
+
+
+class DataSchema(_Loose):
+    image_size: int = Field(ge=8, le=4096)
+    batch_size: int = Field(ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    categories: list[str] = Field(min_length=1)
+
+
+class BackboneSchema(_Loose):
+    name: str
+    min_image_size: int = Field(default=32, ge=1)
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+
+
+class LossSchema(_Loose):
+    name: Literal["weighted_ce", "ce", "focal"]
+    gamma: float = Field(default=2.0, ge=0)
+    weights: Literal["auto"] | list[float] | None = None
+
+    @model_validator(mode="after")
+    def _two_positive_weights(self):
+        if isinstance(self.weights, list) and (len(self.weights) != 2 or min(self.weights) <= 0):
+            raise ValueError(f"loss.weights={self.weights}: use auto, null or two positive numbers "
+                             "[w_good, w_defect]")
+        return self
+
+
+class FreezingSchema(_Loose):
+    trainable: Literal["all"] | list[str]
+    bn_eval: bool = True
+
+
+class TrainerSchema(_Loose):
+    max_epochs: int = Field(ge=1)
+
+
+class TrainSchema(_Loose):
+    seed: int
+    data: DataSchema
+    split: SplitSchema
+    backbone: BackboneSchema
+    freezing: FreezingSchema
+    loss: LossSchema
+    threshold: ThresholdSchema
+    optimizer: OptimizerSchema
+    trainer: TrainerSchema
+
+    @model_validator(mode="after")
+    def _image_fits_backbone(self):
+        if self.data.image_size < self.backbone.min_image_size:
+            raise ValueError(f"data.image_size={self.data.image_size} is smaller than "
+                             f"{self.backbone.name} allows (>= {self.backbone.min_image_size})")
+        return self
+
+
+def _describe(error: dict, values: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    value = values
+    for part in error["loc"]:
+        value = value.get(part) if isinstance(value, dict) else None
+    message = error["msg"].removeprefix("Value error, ")
+    if not key:
+        return message
+    return f"{key}={value!r}: {message}"
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Raise one UserError listing every invalid value of a composed train config."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        TrainSchema.model_validate(values)
+    except ValidationError as err:
+        lines = [_describe(e, values) for e in err.errors()]
+        raise UserError("Invalid configuration:\n  " + "\n  ".join(lines)) from None
