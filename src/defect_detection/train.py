@@ -16,6 +16,7 @@ from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
 from defect_detection.data.datamodule import DefectDataModule
 from defect_detection.data.records import check_records
+from defect_detection.data.summary import log_data_summary
 from defect_detection.data.transforms import build_eval_transform, build_train_transform
 from defect_detection.evaluation.thresholds import choose_threshold
 from defect_detection.models.backbones import build_network
@@ -80,6 +81,7 @@ def train(cfg: DictConfig) -> dict:
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
     try:
         _log_setup(tracker, cfg, split)
+        log_data_summary(tracker, cfg, datamodule)  # data/: counts, splits.csv, audit, previews
         trainer.fit(module, datamodule=datamodule)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         val_metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from defect_detection import DEFECT, UserError
+from defect_detection.data.hashing import file_sha256
 from defect_detection.data.records import ImageRecord
 
 log = logging.getLogger(__name__)
@@ -40,19 +41,47 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
                         " leaves no training data; their sum must be below 1.")
 
 
-def stratified_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
-                     test_fraction: float = 0.2, seed: int = 0) -> Split:
-    """Pool every image and split each (category, label) stratum with the same fractions."""
-    _check_fractions(val_fraction, test_fraction)
-    strata: dict[tuple[str, int], list[ImageRecord]] = defaultdict(list)
+def duplicate_groups(records: Sequence[ImageRecord],
+                     content_hash: Callable[[str], str | None] | None = file_sha256
+                     ) -> list[list[ImageRecord]]:
+    """Records sorted by path, grouped so identical files (same content hash) form one group.
+
+    Files the hash cannot read (None) stay alone, so records of missing files still split.
+    """
+    groups: list[list[ImageRecord]] = []
+    by_hash: dict[str, list[ImageRecord]] = {}
     for r in sorted(records, key=lambda r: r.path):
-        strata[(r.category, r.label)].append(r)
+        digest = content_hash(r.path) if content_hash else None
+        if digest is None:
+            groups.append([r])
+        elif digest in by_hash:
+            by_hash[digest].append(r)
+        else:
+            by_hash[digest] = [r]
+            groups.append(by_hash[digest])
+    return groups
+
+
+def stratified_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
+                     test_fraction: float = 0.2, seed: int = 0,
+                     content_hash: Callable[[str], str | None] | None = file_sha256) -> Split:
+    """Pool every image and split each (category, label) stratum with the same fractions.
+
+    Identical files are a leak when they land in different splits, so each group of files with
+    the same `content_hash` is assigned as a unit (to the stratum of its first path); pass
+    content_hash=None to split file by file.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    strata: dict[tuple[str, int], list[list[ImageRecord]]] = defaultdict(list)
+    groups = duplicate_groups(records, content_hash)
+    for group in groups:
+        strata[(group[0].category, group[0].label)].append(group)
     out: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
     rng = random.Random(seed)
     for key in sorted(strata):
         items = strata[key]
         rng.shuffle(items)
-        n = len(items)
+        n = sum(len(g) for g in items)
         n_test = round(n * test_fraction) if test_fraction else 0
         n_val = round(n * val_fraction) if val_fraction else 0
         # Every stratum with enough images must reach val and test so both can be scored.
@@ -60,9 +89,17 @@ def stratified_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
             n_test = max(n_test, 1)
         if val_fraction and n >= 3:
             n_val = max(n_val, 1)
-        out["test"] += items[:n_test]
-        out["val"] += items[n_test:n_test + n_val]
-        out["train"] += items[n_test + n_val:]
+        # Fill test, then val, group by group (a duplicate group may overshoot by its size - 1).
+        taken = {"test": 0, "val": 0}
+        for group in items:
+            name = ("test" if taken["test"] < n_test else "val" if taken["val"] < n_val else "train")
+            out[name] += group
+            if name in taken:
+                taken[name] += len(group)
+    n_dup = sum(1 for g in groups if len(g) > 1)
+    if n_dup:
+        log.warning("%d groups of identical files (same content hash) were each kept in one split; "
+                    "see the data audit for their paths.", n_dup)
     split = Split(**out)
     _check_nonempty(split)
     return split
