@@ -18,6 +18,8 @@ from defect_detection.data.datamodule import DefectDataModule
 from defect_detection.data.records import check_records
 from defect_detection.data.summary import log_data_summary
 from defect_detection.data.transforms import build_eval_transform, build_train_transform
+from defect_detection.evaluation.calibration import calibrate_module
+from defect_detection.evaluation.reports import log_test_report
 from defect_detection.evaluation.thresholds import choose_threshold
 from defect_detection.models.backbones import build_network
 from defect_detection.models.freezing import apply_freezing, resolve_trainable
@@ -86,6 +88,7 @@ def train(cfg: DictConfig) -> dict:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         val_metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
                                        verbose=False)[0]
+        calibrate_module(cfg.get("calibration"), module, tracker)  # sets T, recomputes val p_defect
         val = module.outputs["val"]
         choice = choose_threshold(chosen_on="val", scores=val["p_defect"].numpy(),
                                   labels=val["label"].numpy(),
@@ -133,6 +136,9 @@ def _log_results(tracker: RunTracker, cfg: DictConfig, module: DefectClassifier,
                       "counts_on_val": choice.counts, "warnings": choice.warnings,
                       "config": OmegaConf.to_container(cfg.threshold, resolve=True)},
                      "reports/threshold.json")
+    log_test_report(tracker, module.outputs["test"], datamodule.records("test"), choice,
+                    leaky=datamodule.split.leaky, temperature=float(module.temperature),
+                    out_dir=Path(cfg.paths.output_dir) / "reports")
     if best:
         tracker.log_artifact(best, "checkpoints")
     if cfg.get("log_model", True):
@@ -140,7 +146,7 @@ def _log_results(tracker: RunTracker, cfg: DictConfig, module: DefectClassifier,
             bundle = save_bundle(Path(tmp) / "bundle.pt", module.net, backbone=cfg.backbone.name,
                                  image_size=cfg.data.image_size, mean=cfg.backbone.mean,
                                  std=cfg.backbone.std, threshold=choice.value,
-                                 threshold_policy=choice.policy)
+                                 threshold_policy=choice.policy, temperature=float(module.temperature))
             mlflow.set_tracking_uri(tracker.tracking_uri)
             with mlflow.start_run(run_id=tracker.run_id):
                 log_pyfunc(bundle)

@@ -28,6 +28,7 @@ class DefectClassifier(pl.LightningModule):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("temperature", torch.tensor(1.0))  # logits / T; 1 until calibrated on val
         self.val_decisions, self.val_ranking = decision_metrics("val/"), ranking_metrics("val/")
         self.test_decisions, self.test_ranking = decision_metrics("test/"), ranking_metrics("test/")
         self.test_confusion = BinaryConfusionMatrix()
@@ -42,11 +43,18 @@ class DefectClassifier(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """p_defect of logits, tempered exactly as Predictor does with the bundle's temperature."""
+        return (logits.float() / self.temperature).softmax(dim=1)[:, 1]
+
     def p_defect(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x).float().softmax(dim=1)[:, 1]
+        return self.probabilities(self(x))
 
     def set_threshold(self, value: float) -> None:
         self.threshold.fill_(float(value))
+
+    def set_temperature(self, value: float) -> None:
+        self.temperature.fill_(float(value))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -56,7 +64,12 @@ class DefectClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["defect_meta"] = {**self.meta, "mean": self.mean.tolist(), "std": self.std.tolist(),
-                                     "threshold": float(self.threshold)}
+                                     "threshold": float(self.threshold),
+                                     "temperature": float(self.temperature)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # checkpoints written before calibration existed have no temperature buffer
+        checkpoint.get("state_dict", {}).setdefault("temperature", torch.tensor(1.0))
 
     # -- steps -----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -68,7 +81,7 @@ class DefectClassifier(pl.LightningModule):
     def _eval_step(self, stage: str, batch, threshold: float) -> None:
         x, y, idx = batch
         logits = self(x).float()
-        p = logits.softmax(dim=1)[:, 1]
+        p = self.probabilities(logits)
         pred = (p >= threshold).long()
         decisions = getattr(self, f"{stage}_decisions")
         ranking = getattr(self, f"{stage}_ranking")
@@ -78,7 +91,8 @@ class DefectClassifier(pl.LightningModule):
                  batch_size=len(y), sync_dist=True)
         self.log_dict(decisions, on_epoch=True, batch_size=len(y))
         self.log_dict(ranking, on_epoch=True, prog_bar=stage == "val", batch_size=len(y))
-        self._collect.setdefault(stage, []).append((p.detach().cpu(), y.cpu(), idx.cpu()))
+        self._collect.setdefault(stage, []).append((p.detach().cpu(), y.cpu(), idx.cpu(),
+                                                    logits.detach().cpu()))
         if stage == "test":
             self.test_confusion.update(pred, y)
 
@@ -91,8 +105,8 @@ class DefectClassifier(pl.LightningModule):
     def _gather(self, stage: str) -> None:
         parts = self._collect.pop(stage, [])
         if parts:
-            p, y, idx = (torch.cat(t) for t in zip(*parts))
-            self.outputs[stage] = {"p_defect": p, "label": y, "index": idx}
+            p, y, idx, logits = (torch.cat(t) for t in zip(*parts))
+            self.outputs[stage] = {"p_defect": p, "label": y, "index": idx, "logits": logits}
 
     def on_validation_epoch_start(self) -> None:
         self._collect.pop("val", None)

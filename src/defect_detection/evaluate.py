@@ -1,0 +1,176 @@
+"""`defect-eval`: score a saved model on any data config and write the test report to a new run.
+
+    defect-eval model=runs:/<run_id>/model data=mvtec data.root=/data/mvtec "data.categories=[bottle]"
+    defect-eval model=models:/defect-detector@champion subset=all data=folder data.root=/new/batch
+    defect-eval model=outputs/train/<time>/checkpoints/best-epoch07.ckpt
+
+The model decides with the threshold (and temperature) stored with it, exactly as predict and
+serve do; the new run is tagged with the source run / model URI so it can be traced back.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import mlflow
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import Progress
+
+from defect_detection import UserError
+from defect_detection.config import CONFIG_DIR
+from defect_detection.data.records import ImageRecord, check_records
+from defect_detection.evaluation.reports import prediction_table, write_report
+from defect_detection.evaluation.thresholds import ThresholdChoice
+from defect_detection.models.inference import Predictor, load_predictor
+from defect_detection.tracking.mlflow_run import (
+    RunTracker,
+    artifact_uri,
+    ensure_local_store,
+    flatten,
+    git_commit,
+)
+
+log = logging.getLogger(__name__)
+SUBSETS = ("train", "val", "test", "all")
+
+
+def select_records(cfg: DictConfig) -> tuple[list[ImageRecord], bool]:
+    """The records of `cfg.subset` and whether that subset is flagged leaky by its split."""
+    if cfg.subset not in SUBSETS:
+        raise UserError(f"subset={cfg.subset!r} is unknown; choose one of {list(SUBSETS)}.")
+    records = instantiate(cfg.data.records)
+    if cfg.subset == "all":
+        if not records:
+            raise UserError(f"No images found in {cfg.data.root}.")
+        return list(records), False
+    check_records(records, str(cfg.data.root))
+    split = instantiate(cfg.split.make)(records)
+    return list(split[cfg.subset]), bool(split.leaky and cfg.subset in ("val", "test"))
+
+
+def source_tags(source: str, tracking_uri: str) -> dict[str, str]:
+    """Where the scored model came from: its URI or path, and the training run when it is known."""
+    if source.startswith(("runs:/", "models:/")):
+        tags = {"source_model_uri": source}
+        try:
+            if source.startswith("runs:/"):
+                from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+                tags["source_run_id"] = RunsArtifactRepository.parse_runs_uri(source)[0]
+            else:
+                from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+                client = mlflow.MlflowClient(tracking_uri)
+                ref = get_model_name_and_version(client, source)
+                if len(ref) == 2:
+                    version = client.get_model_version(*ref)
+                    tags |= {"source_model_name": ref[0], "source_model_version": str(ref[1]),
+                             "source_run_id": version.run_id or ""}
+                else:
+                    tags["source_run_id"] = client.get_logged_model(ref[0]).source_run_id or ""
+        except mlflow.exceptions.MlflowException as err:
+            log.warning("could not resolve the run behind %s: %s", source, err)
+        return {k: v for k, v in tags.items() if v}
+    if "://" in source:
+        return {"source_model_uri": source}
+    return {"source_model_uri": str(Path(source).expanduser().resolve()),
+            "source_kind": "checkpoint" if source.endswith(".ckpt") else "bundle"}
+
+
+def _load(source: str, device: str, tracking_uri: str) -> Predictor:
+    if source.startswith(("runs:/", "models:/")):
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            return load_predictor(source, device=device)
+        except mlflow.exceptions.MlflowException as err:
+            raise UserError(f"Cannot load model {source} from {tracking_uri}: {err.message}. Check the run "
+                            "id or registered name with `make ui` (or set MLFLOW_TRACKING_URI).") from None
+    return load_predictor(source, device=device)
+
+
+def score(predictor: Predictor, records: list[ImageRecord], chunk: int = 64):
+    """p_defect of every record, in chunks so the progress bar moves."""
+    import numpy as np
+
+    out = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"scoring {len(records)} images", total=len(records))
+        for start in range(0, len(records), chunk):
+            part = records[start:start + chunk]
+            out.append(predictor.p_defect([r.path for r in part]))
+            progress.advance(task, len(part))
+    return np.concatenate(out) if out else np.empty(0)
+
+
+def _tracker(cfg: DictConfig) -> RunTracker:
+    if not cfg.get("logger"):
+        return RunTracker()
+    ensure_local_store(cfg.logger.tracking_uri)
+    logger = instantiate(cfg.logger, artifact_location=artifact_uri(cfg.logger.get("artifact_location")))
+    return RunTracker.from_lightning_logger(logger)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Score `cfg.model` on `cfg.subset` of the data config; returns the run id, metrics and folder."""
+    if OmegaConf.is_missing(cfg, "model") or not cfg.get("model"):
+        raise UserError("Name the model to evaluate: model=runs:/<run_id>/model, models:/<name>@champion, "
+                        "or a .pt bundle / .ckpt checkpoint path.")
+    source = str(cfg.model)
+    tracking_uri = cfg.logger.tracking_uri if cfg.get("logger") else str(cfg.tracking_uri)
+    predictor = _load(source, cfg.device, tracking_uri)
+    records, leaky = select_records(cfg)
+    override = cfg.get("override_threshold")
+    threshold = float(predictor.threshold if override is None else override)
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(f"override_threshold={threshold} is outside [0, 1]; leave it null to use the "
+                        "model's own.")
+    choice = ThresholdChoice(threshold, "override" if override is not None else
+                             str(predictor.meta.get("threshold_policy", "stored")),
+                             "command line" if override is not None else "stored with the model")
+    tracker = _tracker(cfg)
+    try:
+        tracker.log_params(flatten(cfg))
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracker.set_tags({"task": "evaluate", "git_commit": git_commit(), "dataset": cfg.data.name,
+                          "categories": ",".join(cfg.data.categories), "subset": cfg.subset,
+                          "split": cfg.split.name if cfg.subset != "all" else "all",
+                          "backbone": predictor.meta.get("backbone", ""), "leaky_protocol": leaky,
+                          "threshold_source": choice.chosen_on, **source_tags(source, tracking_uri)})
+        p_defect = score(predictor, records)
+        table = prediction_table(records, p_defect, threshold, split=str(cfg.subset))
+        context = {"model": source, "subset": cfg.subset, "dataset": cfg.data.name,
+                   "model_meta": {k: v for k, v in predictor.meta.items() if k != "class_names"}}
+        report_dir = Path(cfg.report_dir)
+        summary = write_report(table, choice, out_dir=report_dir, tracker=tracker, prefix=f"{cfg.subset}/",
+                               leaky=leaky, temperature=float(predictor.meta.get("temperature", 1.0)),
+                               context=context, log_core_metrics=True)
+        tracker.finish("FINISHED")
+    except BaseException as err:
+        tracker.fail(err)
+        raise
+    m = summary["metrics"]
+    log.info("%s on %d images: auroc %.4f recall %.4f fp %d fn %d at threshold %.4f; report in %s",
+             cfg.subset, len(table), m["auroc"], m["recall"], m["fp"], m["fn"], threshold, report_dir)
+    return {"run_id": tracker.run_id, "metrics": m, "report_dir": str(report_dir), "summary": summary}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except UserError as err:  # raised here: Hydra would print any Exception as a traceback
+        raise SystemExit(f"error: {err}") from None
+
+
+def main() -> None:
+    try:
+        _hydra_main()
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
