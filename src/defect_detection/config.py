@@ -14,6 +14,22 @@ CONFIG_DIR = str(project_root() / "conf")
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(project_root()))
+    if not OmegaConf.has_resolver("auto_num_workers"):  # data.num_workers: 0 on CPU, more with a GPU
+        OmegaConf.register_new_resolver("auto_num_workers", _auto_num_workers)
+    if not OmegaConf.has_resolver("cuda_available"):  # data.pin_memory: only useful with a GPU
+        OmegaConf.register_new_resolver("cuda_available", _cuda_available)
+
+
+def _auto_num_workers() -> int:
+    from defect_detection.data.datamodule import auto_num_workers
+
+    return auto_num_workers()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def config_dir() -> Path:

@@ -46,7 +46,10 @@ def build_datamodule(cfg: DictConfig) -> DefectDataModule:
     size, bb = cfg.data.image_size, cfg.backbone
     return DefectDataModule(
         split, size, build_train_transform(cfg.augmentation, size, bb.mean, bb.std),
-        build_eval_transform(size, bb.mean, bb.std), cfg.data.batch_size, cfg.data.num_workers)
+        build_eval_transform(size, bb.mean, bb.std), cfg.data.batch_size, cfg.data.num_workers,
+        pin_memory=cfg.data.get("pin_memory", False),
+        persistent_workers=cfg.data.get("persistent_workers", True),
+        cache=cfg.data.get("cache", "memory"), cache_dir=cfg.data.get("cache_dir"))
 
 
 def build_module(cfg: DictConfig, class_counts: tuple[int, int]) -> DefectClassifier:
@@ -60,7 +63,8 @@ def build_module(cfg: DictConfig, class_counts: tuple[int, int]) -> DefectClassi
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     meta = {"backbone": bb.name, "image_size": int(cfg.data.image_size)}
     return DefectClassifier(net, loss, instantiate(cfg.optimizer), scheduler,
-                            frozen_bn if cfg.freezing.bn_eval else (), bb.mean, bb.std, meta=meta)
+                            frozen_bn if cfg.freezing.bn_eval else (), bb.mean, bb.std,
+                            channels_last=bool(bb.get("channels_last", False)), meta=meta)
 
 
 def build_logger(cfg: DictConfig):

@@ -2,42 +2,64 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from defect_detection import DEFECT, GOOD
-from defect_detection.data.cache import decode_images
+from defect_detection.data.cache import cached_images
 from defect_detection.data.records import ImageRecord
 from defect_detection.data.splits import SPLITS, Split
 
 
-class TensorImageDataset(Dataset):
-    """(image, label, index) from a cached uint8 tensor; index maps back to the record."""
+def auto_num_workers() -> int:
+    """DataLoader workers when data.num_workers is left to the machine.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
+    CPU: 0. Measured by scripts/benchmark.py on 2 cores with cached tensors, a worker only takes
+    a core from the model's intra-op threads. GPU: the model waits on CPU augmentation, so
+    up to 8 workers, leaving one core to the main process.
+    """
+    if not torch.cuda.is_available():
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+class TensorImageDataset(Dataset):
+    """(image, label, index) from cached uint8 images; index maps back to the record.
+
+    `images` is anything with images[row] -> uint8 3 x S x S tensor (a tensor, a memmap store,
+    a decode-on-access store); `rows[i]` is the row of item i (default: the identity).
+    """
+
+    def __init__(self, images, labels: torch.Tensor, transform: Callable,
+                 rows: Sequence[int] | None = None) -> None:
         self.images, self.labels, self.transform = images, labels, transform
+        self.rows = list(range(len(labels))) if rows is None else list(rows)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        return self.transform(self.images[index]), self.labels[index], index
+        return self.transform(self.images[self.rows[index]]), self.labels[index], index
 
 
 class DefectDataModule(pl.LightningDataModule):
     def __init__(self, split: Split, image_size: int, train_transform: Callable,
-                 eval_transform: Callable, batch_size: int = 32, num_workers: int = 0,
-                 pin_memory: bool = False, persistent_workers: bool = False) -> None:
+                 eval_transform: Callable, batch_size: int = 32, num_workers: int | None = 0,
+                 pin_memory: bool | None = False, persistent_workers: bool = True,
+                 cache: str = "memory", cache_dir: str | None = None) -> None:
         super().__init__()
         self.split = split
         self.image_size = image_size
         self.train_transform, self.eval_transform = train_transform, eval_transform
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
+        self.batch_size = batch_size
+        self.num_workers = auto_num_workers() if num_workers is None else int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.cache, self.cache_dir = cache, cache_dir
         self.datasets: dict[str, TensorImageDataset] = {}
 
     def records(self, stage: str) -> list[ImageRecord]:
@@ -51,12 +73,18 @@ class DefectDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        # One store for every split, keyed by path: another split seed reuses the disk cache.
+        paths = sorted({r.path for name in SPLITS for r in self.split[name]})
+        row = {path: i for i, path in enumerate(paths)}
+        by_path = {r.path: r for name in SPLITS for r in self.split[name]}
+        images = cached_images([by_path[p] for p in paths], self.image_size, self.cache, self.cache_dir,
+                               "caching")
         for name in SPLITS:
             records = self.split[name]
-            images = decode_images(records, self.image_size, f"decoding {name}:")
             labels = torch.tensor([r.label for r in records], dtype=torch.long)
             transform = self.train_transform if name == "train" else self.eval_transform
-            self.datasets[name] = TensorImageDataset(images, labels, transform)
+            self.datasets[name] = TensorImageDataset(images, labels, transform,
+                                                     [row[r.path] for r in records])
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle,
