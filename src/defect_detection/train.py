@@ -21,6 +21,7 @@ from defect_detection.data.transforms import build_eval_transform, build_train_t
 from defect_detection.evaluation.calibration import calibrate_module
 from defect_detection.evaluation.reports import log_test_report
 from defect_detection.evaluation.thresholds import choose_threshold
+from defect_detection.explain.report import log_gradcam
 from defect_detection.models.backbones import build_network
 from defect_detection.models.freezing import apply_freezing, resolve_trainable
 from defect_detection.models.inference import save_bundle
@@ -154,6 +155,7 @@ def _log_results(tracker: RunTracker, cfg: DictConfig, module: DefectClassifier,
             mlflow.set_tracking_uri(tracker.tracking_uri)
             with mlflow.start_run(run_id=tracker.run_id):
                 log_pyfunc(bundle)
+    log_gradcam(tracker, cfg, module, datamodule, stage="test")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

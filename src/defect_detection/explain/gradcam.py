@@ -1,0 +1,159 @@
+"""Batched Grad-CAM with Captum: one forward and one backward pass per batch.
+
+The target class is chosen inside the forward function (a gather on the logits), so "explain the
+decision" needs no extra forward pass and the defect probability comes out of the same pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from captum.attr import LayerAttribution, LayerGradCam
+from omegaconf import OmegaConf
+from torch import nn
+
+from defect_detection import DEFECT, GOOD, UserError
+
+TARGETS = ("defect", "predicted", "good")
+
+
+@dataclass
+class CamResult:
+    """Maps (N x H x W, each in [0, 1]), p_defect and the explained class, all on the CPU."""
+
+    maps: torch.Tensor
+    p_defect: torch.Tensor
+    target: torch.Tensor
+    seconds: float  # wall time of the Grad-CAM passes (forward + backward + upsampling)
+
+    @property
+    def ms_per_image(self) -> float:
+        return 1000.0 * self.seconds / max(1, len(self.maps))
+
+
+def resolve_layer(net: nn.Module, path: str) -> nn.Module:
+    """The module a backbone config names, e.g. `net.layer4` (a path on the LightningModule)."""
+    name = path[len("net."):] if path.startswith("net.") else path
+    try:
+        return net.get_submodule(name)
+    except AttributeError as err:
+        children = [n for n, _ in net.named_children()]
+        raise UserError(f"backbone.gradcam_layer={path} does not name a module of the "
+                        f"{type(net).__name__} network ({err}). Use net.<child>[.<child>...]; "
+                        f"top-level children: {children}.") from None
+
+
+def gradcam_layer_for(backbone: str) -> str:
+    """The Grad-CAM layer of a backbone, read from conf/backbone/<backbone>.yaml (as training does)."""
+    from defect_detection.config import config_dir
+
+    path = config_dir() / "backbone" / f"{backbone}.yaml"
+    if not path.is_file():
+        raise UserError(f"No backbone config {path} to read the Grad-CAM layer of '{backbone}' from: "
+                        "pass the layer explicitly (e.g. layer=net.layer4).")
+    layer = OmegaConf.load(path).get("gradcam_layer")
+    if not layer:
+        raise UserError(f"{path} has no gradcam_layer: add one (e.g. gradcam_layer: net.layer4).")
+    return str(layer)
+
+
+class _TargetLogit(nn.Module):
+    """Returns the logit of the explained class per image and records p_defect on the way."""
+
+    def __init__(self, net: nn.Module, target: str | int, threshold: float, temperature: float) -> None:
+        super().__init__()
+        self.net, self.target, self.threshold, self.temperature = net, target, threshold, temperature
+        self.p_defect: torch.Tensor | None = None
+        self.chosen: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x).float() / self.temperature
+        p = logits.softmax(1)[:, DEFECT].detach()
+        if self.target == "predicted":
+            cls = (p >= self.threshold).long()
+        else:
+            value = {"defect": DEFECT, "good": GOOD}.get(self.target, self.target)
+            cls = torch.full_like(p, int(value), dtype=torch.long)
+        self.p_defect, self.chosen = p, cls
+        return logits.gather(1, cls[:, None])
+
+
+@contextmanager
+def _explain_mode(net: nn.Module) -> Iterator[None]:
+    """Eval mode, and no parameter gradients: Grad-CAM only needs d(logit)/d(layer output)."""
+    was_training = net.training
+    flags = [(p, p.requires_grad) for p in net.parameters()]
+    net.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        net.train(was_training)
+
+
+def normalise_maps(cams: torch.Tensor) -> torch.Tensor:
+    """ReLU, then each map divided by its maximum (an all-zero map stays zero: no evidence)."""
+    cams = cams.clamp_min(0)
+    peak = cams.flatten(1).amax(1).clamp_min(1e-12).view(-1, *([1] * (cams.dim() - 1)))
+    return cams / peak
+
+
+def compute_cams(net: nn.Module, layer: str | nn.Module, images: torch.Tensor, *,
+                 target: str | int = "defect", threshold: float = 0.5, batch_size: int = 16,
+                 temperature: float = 1.0) -> CamResult:
+    """Grad-CAM maps of normalised images (N x 3 x H x W), upsampled to H x W and scaled to [0, 1].
+
+    target: "defect", "good", a class index, or "predicted" (the decision p_defect >= `threshold`,
+    with p_defect = softmax(logits / temperature) as the Predictor computes it).
+    """
+    if isinstance(target, str) and target not in TARGETS:
+        raise UserError(f"explain.target={target} is not one of {list(TARGETS)}.")
+    module = resolve_layer(net, layer) if isinstance(layer, str) else layer
+    device = next(net.parameters()).device
+    wrapper = _TargetLogit(net, target, threshold, temperature)
+    cam = LayerGradCam(wrapper, module)
+    maps, probs, chosen = [], [], []
+    seconds = 0.0
+    with _explain_mode(net):
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device, torch.float32)
+            began = time.perf_counter()
+            attr = cam.attribute(x, target=0, relu_attributions=True)
+            up = LayerAttribution.interpolate(attr.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")
+            m = normalise_maps(up[:, 0]).cpu()
+            seconds += time.perf_counter() - began
+            maps.append(m)
+            probs.append(wrapper.p_defect.cpu())
+            chosen.append(wrapper.chosen.cpu())
+    if not maps:
+        size = tuple(images.shape[-2:]) if images.dim() == 4 else (0, 0)
+        return CamResult(torch.empty(0, *size), torch.empty(0), torch.empty(0, dtype=torch.long), 0.0)
+    return CamResult(torch.cat(maps), torch.cat(probs), torch.cat(chosen), seconds)
+
+
+def load_mask(path: str | Path, size: int) -> torch.Tensor:
+    """A ground-truth mask resized exactly like its image (whole image to size x size), as bool.
+
+    Bilinear resize then >= half; a thin defect that vanishes at that cut keeps every touched pixel.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            mask = im.convert("L")
+    except OSError as err:
+        raise UserError(f"Cannot read mask {path}: {err}. Remove or replace the file.") from err
+    if mask.size != (size, size):
+        mask = mask.resize((size, size), Image.Resampling.BILINEAR)
+    values = torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy())
+    binary = values >= 128
+    return binary if binary.any() else values > 0

@@ -1,0 +1,78 @@
+"""Grad-CAM overlays for image files scored by an inference Predictor (what explain and predict call)."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from defect_detection import CLASS_NAMES, UserError
+from defect_detection.data.records import IMAGE_SUFFIXES
+from defect_detection.explain.gradcam import compute_cams, gradcam_layer_for
+from defect_detection.explain.overlay import denormalise, overlay, save_png
+
+
+def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Image files from folders (recursive), glob patterns and file paths, sorted, without duplicates."""
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    found: list[Path] = []
+    for item in items:
+        path = Path(str(item)).expanduser()
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        elif glob.has_magic(str(path)):
+            found += sorted(Path(p) for p in glob.glob(str(path), recursive=True)
+                            if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            raise UserError(f"Input {item} is neither a file, a folder nor a glob pattern that exists.")
+    found = list(dict.fromkeys(p.resolve() for p in found))
+    if not found:
+        raise UserError(f"No images found in {items} (suffixes: {', '.join(IMAGE_SUFFIXES)}).")
+    return found
+
+
+def _relative_names(paths: Sequence[Path]) -> list[Path]:
+    """Paths relative to their common folder, so same-named files in different folders stay apart."""
+    parents = [str(p.parent) for p in paths]
+    root = Path(os.path.commonpath(parents)) if parents else Path()
+    return [p.relative_to(root) for p in paths]
+
+
+def write_overlays(predictor, paths: Sequence[str | Path], out_dir: str | Path, *, target: str = "predicted",
+                   layer: str | None = None, batch_size: int = 16, alpha: float = 0.5,
+                   colormap: str = "jet") -> list[Path]:
+    """Write `<out_dir>/<relative path>_gradcam.png` per image (at the model's input size) plus
+    `overlays.csv` (p_defect, decision, explained class); returns the overlay paths in input order.
+
+    layer: a dotted path such as net.layer4; default: the backbone config's gradcam_layer.
+    """
+    paths = [Path(p) for p in paths]
+    out_dir = Path(out_dir)
+    meta = predictor.meta
+    layer = layer or gradcam_layer_for(meta["backbone"])
+    names = _relative_names([p.resolve() for p in paths])
+    written, rows = [], []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        x = predictor.preprocess(chunk)
+        result = compute_cams(predictor.net, layer, x, target=target, threshold=predictor.threshold,
+                              batch_size=batch_size, temperature=float(meta.get("temperature", 1.0)))
+        images = denormalise(x, meta["mean"], meta["std"])
+        for k, path in enumerate(chunk):
+            name = names[start + k]
+            dest = save_png(overlay(images[k], result.maps[k].numpy(), alpha, colormap),
+                            out_dir / name.parent / f"{name.stem}_gradcam.png")
+            p = float(result.p_defect[k])
+            written.append(dest)
+            rows.append({"path": str(path), "overlay": str(dest), "p_defect": p,
+                         "decision": CLASS_NAMES[int(p >= predictor.threshold)],
+                         "explained_class": CLASS_NAMES[int(result.target[k])],
+                         "threshold": predictor.threshold, "cam_ms_per_image": result.ms_per_image})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out_dir / "overlays.csv", index=False)
+    return written

@@ -1,0 +1,50 @@
+"""`defect-explain`: Grad-CAM overlays for a folder, glob or list of images with a trained model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from defect_detection import UserError
+from defect_detection.config import CONFIG_DIR
+
+log = logging.getLogger(__name__)
+
+
+def explain(cfg: DictConfig) -> list[Path]:
+    """Load the model, write one overlay per image and overlays.csv; returns the overlay paths."""
+    from defect_detection.explain.writer import expand_inputs, write_overlays
+    from defect_detection.models.inference import load_predictor
+
+    model = str(cfg.model)
+    if "://" in model or model.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+    paths = expand_inputs(OmegaConf.to_container(cfg.inputs) if OmegaConf.is_list(cfg.inputs) else cfg.inputs)
+    predictor = load_predictor(model, device=cfg.device)
+    e = cfg.explain
+    written = write_overlays(predictor, paths, cfg.output_dir, target=str(e.target), layer=cfg.get("layer"),
+                             batch_size=int(e.batch_size), alpha=float(e.alpha), colormap=str(e.colormap))
+    log.info("Wrote %d Grad-CAM overlays (%s class) and overlays.csv to %s", len(written), e.target,
+             cfg.output_dir)
+    return written
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="explain_cmd")
+def _hydra_main(cfg: DictConfig) -> None:
+    explain(cfg)
+
+
+def main() -> None:
+    try:
+        _hydra_main()
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
