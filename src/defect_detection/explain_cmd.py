@@ -36,14 +36,14 @@ def explain(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="explain_cmd")
 def _hydra_main(cfg: DictConfig) -> None:
-    explain(cfg)
+    try:
+        explain(cfg)
+    except UserError as err:  # here, not in main(): Hydra prints a traceback for any Exception
+        raise SystemExit(f"error: {err}") from None
 
 
 def main() -> None:
-    try:
-        _hydra_main()
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
+    _hydra_main()
 
 
 if __name__ == "__main__":

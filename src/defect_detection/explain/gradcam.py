@@ -44,9 +44,9 @@ def resolve_layer(net: nn.Module, path: str) -> nn.Module:
         return net.get_submodule(name)
     except AttributeError as err:
         children = [n for n, _ in net.named_children()]
-        raise UserError(f"backbone.gradcam_layer={path} does not name a module of the "
-                        f"{type(net).__name__} network ({err}). Use net.<child>[.<child>...]; "
-                        f"top-level children: {children}.") from None
+        raise UserError(f"Grad-CAM layer {path} (backbone.gradcam_layer, or layer= of defect-explain) "
+                        f"does not name a module of the {type(net).__name__} network ({err}). Use "
+                        f"net.<child>[.<child>...]; top-level children: {children}.") from None
 
 
 def gradcam_layer_for(backbone: str) -> str:
