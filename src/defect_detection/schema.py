@@ -55,6 +55,8 @@ class DataSchema(_Loose):
     batch_size: int = Field(ge=1)
     num_workers: int = Field(default=0, ge=0)
     categories: list[str] = Field(min_length=1)
+    on_bad_image: Literal["error", "skip"] = "error"
+    max_image_pixels: int | None = Field(default=None, ge=0)
 
 
 class BackboneSchema(_Loose):

@@ -61,6 +61,7 @@ class DefectDataModule(pl.LightningDataModule):
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.cache, self.cache_dir = cache, cache_dir
         self.datasets: dict[str, TensorImageDataset] = {}
+        self.bad_images: list = []  # files dropped by data.on_bad_image=skip (data/validate.py)
 
     def records(self, stage: str) -> list[ImageRecord]:
         return self.split[stage]

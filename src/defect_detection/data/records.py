@@ -33,13 +33,72 @@ class ImageRecord:
         return asdict(self)
 
 
+def _unresolvable(path: Path) -> bool:
+    """A broken symlink or a symlink loop (exists() is False for both, without hanging)."""
+    return path.is_symlink() and not path.exists()
+
+
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files of one folder (never recursive, so a looping folder link cannot hang it).
+
+    Image-named links that do not resolve are kept: the image scan (data/validate.py) then
+    reports them as bad files under data.on_bad_image instead of them vanishing silently.
+    """
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                  and (p.is_file() or _unresolvable(p)))
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir():
+            out.append(p)
+        elif _unresolvable(p) and p.suffix.lower() not in IMAGE_SUFFIXES:
+            log.warning("Ignoring %s: a broken symlink or a symlink loop.", p)
+    return out
 
 
 def _require_dir(path: Path, what: str, fix: str) -> None:
+    if _unresolvable(path):
+        raise UserError(f"{what} {path} is a broken symlink or a symlink loop. {fix}")
     if not path.is_dir():
         raise UserError(f"{what} not found: {path}. {fix}")
+
+
+def _examples(paths: Sequence[Path | str], n: int = 3) -> str:
+    shown = ", ".join(str(p) for p in list(paths)[:n])
+    return shown + (f" and {len(paths) - n} more" if len(paths) > n else "")
+
+
+def _masks_for(images: Sequence[Path], mask_dir: Path) -> dict[Path, str | None]:
+    """Each image's <stem>_mask.png in mask_dir (or None); warns about either side missing.
+
+    A folder without any masks is fine (masks are optional, only localisation scores use them);
+    a mask folder that covers some images but not others, or holds masks of no image, is
+    usually a rename or a deletion gone wrong, so both are named.
+    """
+    if not mask_dir.is_dir():
+        return {p: None for p in images}
+    masks = {p.name: p for p in _images(mask_dir)}
+    found = {p: str(masks[f"{p.stem}_mask.png"]) if f"{p.stem}_mask.png" in masks else None for p in images}
+    missing = [p for p, m in found.items() if m is None]
+    if missing:
+        log.warning("%d image(s) have no mask in %s (expected %s): %s. Localisation is not scored "
+                    "for them.", len(missing), mask_dir, f"{missing[0].stem}_mask.png", _examples(missing))
+    orphans = sorted(set(masks) - {f"{p.stem}_mask.png" for p in images})
+    if orphans:
+        folder = images[0].parent if images else "the image folder"
+        log.warning("%d mask(s) in %s have no image (expected <stem>.png in %s): %s.", len(orphans),
+                    mask_dir, folder, _examples([mask_dir / m for m in orphans]))
+    return found
+
+
+def _warn_masks_without_folder(mask_root: Path, image_root: Path, type_dirs: Sequence[Path]) -> None:
+    names = {d.name for d in type_dirs}
+    for mask_dir in _subdirs(mask_root) if mask_root.is_dir() else []:
+        if mask_dir.name not in names and _images(mask_dir):
+            log.warning("Masks in %s have no images: expected a folder %s.", mask_dir,
+                        image_root / mask_dir.name)
 
 
 def read_mvtec(root: str | Path, categories: Sequence[str]) -> list[ImageRecord]:
@@ -51,26 +110,41 @@ def read_mvtec(root: str | Path, categories: Sequence[str]) -> list[ImageRecord]
         raise UserError("data.categories is empty: name at least one category, e.g. '[bottle]'.")
     records: list[ImageRecord] = []
     for category in categories:
-        cat_dir = root / category
-        available = sorted(p.name for p in root.iterdir() if p.is_dir())
-        _require_dir(cat_dir, f"Category '{category}'",
-                     f"Categories present under {root}: {available or 'none'}.")
-        _require_dir(cat_dir / "train" / "good", f"Training images of '{category}'",
-                     "An MVTec category needs train/good/ with images.")
-        for path in _images(cat_dir / "train" / "good"):
-            records.append(ImageRecord(str(path), GOOD, category, "good", None, "train"))
-        test_dir = cat_dir / "test"
-        if not test_dir.is_dir():
-            log.warning("%s has no test/ folder: only train/good images are used", cat_dir)
-            continue
-        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-            defect_type = type_dir.name
-            label = GOOD if defect_type == "good" else DEFECT
-            mask_dir = cat_dir / "ground_truth" / defect_type
-            for path in _images(type_dir):
-                mask = mask_dir / f"{path.stem}_mask.png"
-                mask_path = str(mask) if label == DEFECT and mask.is_file() else None
-                records.append(ImageRecord(str(path), label, category, defect_type, mask_path, "test"))
+        records += _read_mvtec_category(root, category)
+    return records
+
+
+def _read_mvtec_category(root: Path, category: str) -> list[ImageRecord]:
+    cat_dir = root / category
+    available = sorted(p.name for p in _subdirs(root))
+    _require_dir(cat_dir, f"Category '{category}'",
+                 f"Categories present under {root}: {available or 'none'}.")
+    train_good = cat_dir / "train" / "good"
+    _require_dir(train_good, f"Training images of '{category}'",
+                 "An MVTec category needs train/good/ with images.")
+    records = [ImageRecord(str(p), GOOD, category, "good", None, "train") for p in _images(train_good)]
+    if not records:
+        raise UserError(f"No good training images in {train_good}: an MVTec category needs good images "
+                        f"there ({', '.join(IMAGE_SUFFIXES)}).")
+    test_dir = cat_dir / "test"
+    if not test_dir.is_dir():
+        log.warning("%s has no test/ folder: only train/good images are used", cat_dir)
+        return records
+    type_dirs = _subdirs(test_dir)
+    for type_dir in type_dirs:
+        defect_type = type_dir.name
+        label = GOOD if defect_type == "good" else DEFECT
+        images = _images(type_dir)
+        if not images:
+            log.warning("%s holds no images (%s): defect type '%s' is left out.", type_dir,
+                        ", ".join(IMAGE_SUFFIXES), defect_type)
+        masks = (_masks_for(images, cat_dir / "ground_truth" / defect_type) if label == DEFECT
+                 else dict.fromkeys(images))
+        records += [ImageRecord(str(p), label, category, defect_type, masks[p], "test") for p in images]
+    if not any(r.label == DEFECT for r in records):
+        log.warning("Category '%s' has no defect images (expected %s/<defect_type>/*.png): it adds "
+                    "only good images.", category, test_dir)
+    _warn_masks_without_folder(cat_dir / "ground_truth", test_dir, type_dirs)
     return records
 
 
@@ -83,12 +157,15 @@ def read_folder(root: str | Path, category: str = "folder") -> list[ImageRecord]
     records = [ImageRecord(str(p), GOOD, category, "good") for p in _images(root / "good")]
     defect_dir = root / "defect"
     records += [ImageRecord(str(p), DEFECT, category, "defect") for p in _images(defect_dir)]
-    for type_dir in sorted(p for p in defect_dir.iterdir() if p.is_dir()):
-        masks = root / "masks" / type_dir.name
-        for path in _images(type_dir):
-            mask = masks / f"{path.stem}_mask.png"
-            records.append(ImageRecord(str(path), DEFECT, category, type_dir.name,
-                                       str(mask) if mask.is_file() else None))
+    type_dirs = _subdirs(defect_dir)
+    for type_dir in type_dirs:
+        images = _images(type_dir)
+        if not images:
+            log.warning("%s holds no images (%s): defect type '%s' is left out.", type_dir,
+                        ", ".join(IMAGE_SUFFIXES), type_dir.name)
+        masks = _masks_for(images, root / "masks" / type_dir.name)
+        records += [ImageRecord(str(p), DEFECT, category, type_dir.name, masks[p]) for p in images]
+    _warn_masks_without_folder(root / "masks", defect_dir, type_dirs)
     return records
 
 
@@ -97,7 +174,10 @@ def check_records(records: Sequence[ImageRecord], where: str) -> None:
     if not records:
         raise UserError(f"No images found in {where}. Supported suffixes: {', '.join(IMAGE_SUFFIXES)}.")
     labels = {r.label for r in records}
+    layouts = "MVTec: <category>/train/good/ and <category>/test/<type>/; folder: good/ and defect/<type>/"
     if GOOD not in labels:
-        raise UserError(f"No good images found in {where}: a good/defect classifier needs both classes.")
+        raise UserError(f"No good images found in {where}: a good/defect classifier needs both classes "
+                        f"({layouts}).")
     if DEFECT not in labels:
-        raise UserError(f"No defect images found in {where}: a good/defect classifier needs both classes.")
+        raise UserError(f"No defect images found in {where}: a good/defect classifier needs both classes "
+                        f"({layouts}).")

@@ -136,4 +136,5 @@ class RunTracker:
             self.log_text(text, "error/traceback.txt")
             self.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
         finally:
-            self.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown
+            self.finish("KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED")
