@@ -15,14 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
 from defect_detection.data.datamodule import DefectDataModule
-from defect_detection.data.records import check_records
 from defect_detection.data.summary import log_data_summary
 from defect_detection.data.transforms import build_eval_transform, build_train_transform
+from defect_detection.data.validate import bad_images_frame, screened_records
 from defect_detection.evaluation.calibration import calibrate_module
 from defect_detection.evaluation.reports import log_test_report
 from defect_detection.evaluation.thresholds import choose_threshold
 from defect_detection.explain.report import log_gradcam
 from defect_detection.models.backbones import build_network
+from defect_detection.models.checkpointing import AtomicCheckpointIO, RngStateCallback
 from defect_detection.models.freezing import apply_freezing, resolve_trainable
 from defect_detection.models.inference import save_bundle
 from defect_detection.models.losses import build_loss
@@ -36,21 +37,24 @@ from defect_detection.tracking.mlflow_run import (
     git_commit,
 )
 from defect_detection.tracking.pyfunc import log_pyfunc
+from defect_detection.tracking.resume import continue_run, note_stopped, prepare_resume, tag_checkpoint_dir
 
 log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig) -> DefectDataModule:
-    records = instantiate(cfg.data.records)
-    check_records(records, str(cfg.data.root))
+    # every file checked before the split: error lists all bad files, skip drops them (data/validate.py)
+    records, bad = screened_records(cfg)
     split = instantiate(cfg.split.make)(records)
     size, bb = cfg.data.image_size, cfg.backbone
-    return DefectDataModule(
+    datamodule = DefectDataModule(
         split, size, build_train_transform(cfg.augmentation, size, bb.mean, bb.std),
         build_eval_transform(size, bb.mean, bb.std), cfg.data.batch_size, cfg.data.num_workers,
         pin_memory=cfg.data.get("pin_memory", False),
         persistent_workers=cfg.data.get("persistent_workers", True),
         cache=cfg.data.get("cache", "memory"), cache_dir=cfg.data.get("cache_dir"))
+    datamodule.bad_images = bad
+    return datamodule
 
 
 def build_module(cfg: DictConfig, class_counts: tuple[int, int]) -> DefectClassifier:
@@ -68,31 +72,41 @@ def build_module(cfg: DictConfig, class_counts: tuple[int, int]) -> DefectClassi
                             channels_last=bool(bb.get("channels_last", False)), meta=meta)
 
 
-def build_logger(cfg: DictConfig):
+def build_logger(cfg: DictConfig, run_id: str | None = None):
     if not cfg.get("logger"):
         return None
     ensure_local_store(cfg.logger.tracking_uri)
-    return instantiate(cfg.logger, artifact_location=artifact_uri(cfg.logger.get("artifact_location")))
+    extra = {"run_id": run_id} if run_id else {}  # a resumed run continues in place
+    return instantiate(cfg.logger, artifact_location=artifact_uri(cfg.logger.get("artifact_location")),
+                       **extra)
 
 
 def train(cfg: DictConfig) -> dict:
     """Run one experiment; returns val/test metrics, the threshold and the run id."""
     validate_train_config(cfg)
+    resume = prepare_resume(cfg)  # ckpt_path / resume_run_id -> checkpoint + MLflow run, checked now
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     split = datamodule.split
     module = build_module(cfg, datamodule.class_counts("train"))
-    logger = build_logger(cfg)
+    logger = build_logger(cfg, run_id=resume.run_id)
     tracker = RunTracker.from_lightning_logger(logger)
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c]
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c] + [RngStateCallback()]
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
+                                      plugins=[AtomicCheckpointIO()])
     try:
-        _log_setup(tracker, cfg, split)
+        if resume.run_id:  # a continued run keeps its params; what changed is tagged
+            continue_run(tracker, cfg, resume)
+        else:
+            _log_setup(tracker, cfg, split)
+        tag_checkpoint_dir(tracker, trainer)
+        if datamodule.bad_images:
+            tracker.log_table_csv(bad_images_frame(datamodule.bad_images), "data/bad_images.csv")
         log_data_summary(tracker, cfg, datamodule)  # data/: counts, splits.csv, audit, previews
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         val_metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
-                                       verbose=False)[0]
+                                       verbose=False, weights_only=True)[0]
         calibrate_module(cfg.get("calibration"), module, tracker)  # sets T, recomputes val p_defect
         val = module.outputs["val"]
         choice = choose_threshold(chosen_on="val", scores=val["p_defect"].numpy(),
@@ -105,6 +119,7 @@ def train(cfg: DictConfig) -> dict:
         _log_results(tracker, cfg, module, choice, best, datamodule)
         tracker.finish("FINISHED")
     except BaseException as err:
+        note_stopped(tracker, trainer, err)  # logs/tags the resume command when a last.ckpt exists
         tracker.fail(err)
         raise
     log.info("val/auroc %.4f | test: auroc %.4f recall %.4f fp %d at threshold %.4f (%s on val)",
