@@ -38,6 +38,7 @@ from defect_detection.tracking.mlflow_run import (
 )
 from defect_detection.tracking.pyfunc import log_pyfunc
 from defect_detection.tracking.resume import continue_run, note_stopped, prepare_resume, tag_checkpoint_dir
+from defect_detection.tracking.sweeps import in_multirun, record_failed_trial, sweep_tags, trial_run_name
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ def build_logger(cfg: DictConfig, run_id: str | None = None):
         return None
     ensure_local_store(cfg.logger.tracking_uri)
     extra = {"run_id": run_id} if run_id else {}  # a resumed run continues in place
+    if tags := sweep_tags():  # a multirun trial: grouped under its sweep (see tracking/sweeps.py)
+        name = trial_run_name(cfg)
+        extra["tags"] = {**(cfg.logger.get("tags") or {}), **tags,
+                         **({"mlflow.runName": name} if name else {})}
     return instantiate(cfg.logger, artifact_location=artifact_uri(cfg.logger.get("artifact_location")),
                        **extra)
 
@@ -175,7 +180,18 @@ def _log_results(tracker: RunTracker, cfg: DictConfig, module: DefectClassifier,
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    if in_multirun():  # one failing trial must not end the sweep: its run is FAILED with the error
+        try:
+            metrics = train(cfg)
+        except Exception as err:
+            run_id = record_failed_trial(cfg, err)
+            log.error("Trial failed (MLflow run %s): %s: %s", run_id, type(err).__name__, err)
+            return float("nan")
+    else:
+        try:
+            metrics = train(cfg)
+        except UserError as err:  # here, not in main(): Hydra prints a traceback for any Exception
+            raise SystemExit(f"error: {err}") from None
     value = metrics["val"].get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     return None if value is None else float(value)
 

@@ -1,0 +1,116 @@
+"""`defect-predict`: score a folder or glob with a checkpoint, bundle or MLflow model; write a CSV.
+
+The decision uses the threshold that travels with the model (calibrated on validation at training
+time), so predict decides exactly as evaluation and serving do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import track
+
+from defect_detection import UserError
+from defect_detection.config import CONFIG_DIR
+from defect_detection.models.inference import Predictor, load_predictor
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["path", "p_defect", "decision", "threshold"]
+
+
+def score(predictor: Predictor, paths: Sequence[Path], on_error: str = "skip",
+          chunk: int = 128, progress: bool = True) -> pd.DataFrame:
+    """One row per path; with on_error=skip an unreadable image gets decision 'error' and its message."""
+    if on_error not in ("skip", "fail"):
+        raise UserError(f"on_error={on_error}: use skip or fail.")
+    starts = range(0, len(paths), chunk)
+    frames = []
+    for start in (track(starts, description="Scoring") if progress and len(paths) > chunk else starts):
+        items = [str(p) for p in paths[start:start + chunk]]
+        try:
+            frames.append(predictor.predict(items).assign(path=items, error=None))
+        except UserError:
+            if on_error == "fail":
+                raise
+            frames.append(pd.concat([_one(predictor, item) for item in items], ignore_index=True))
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*COLUMNS, "error"])
+    columns = COLUMNS + (["error"] if table["error"].notna().any() else [])
+    return table[columns]
+
+
+def _one(predictor: Predictor, item: str) -> pd.DataFrame:
+    try:
+        return predictor.predict([item]).assign(path=[item], error=None)
+    except UserError as err:
+        log.warning("Skipped %s: %s", item, err)
+        return pd.DataFrame({"path": [item], "p_defect": [np.nan], "decision": ["error"],
+                             "threshold": [predictor.threshold], "error": [str(err)]})
+
+
+def predict(cfg: DictConfig) -> pd.DataFrame:
+    """Score cfg.input with cfg.model, write cfg.output (and Grad-CAM overlays when enabled)."""
+    from defect_detection.explain.writer import expand_inputs
+
+    model = str(cfg.model)
+    if "://" in model or model.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+    inputs = OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else cfg.input
+    paths = expand_inputs(inputs)
+    predictor = _load(model, cfg.device)
+    predictor.batch_size = int(cfg.batch_size)
+    table = score(predictor, paths, cfg.get("on_error", "skip"))
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    n_defect = int((table["decision"] == "defect").sum())
+    n_error = int((table["decision"] == "error").sum())
+    log.info("Scored %d images with %s: %d defect, %d good%s at threshold %.4f -> %s", len(table), model,
+             n_defect, len(table) - n_defect - n_error, f", {n_error} unreadable" if n_error else "",
+             predictor.threshold, out)
+    if cfg.gradcam.enabled:
+        from defect_detection.explain.writer import write_overlays
+
+        ok = [Path(p) for p, d in zip(table["path"], table["decision"]) if d != "error"]
+        g = cfg.gradcam
+        written = write_overlays(predictor, ok, g.dir, target=str(g.target), batch_size=int(cfg.batch_size),
+                                 alpha=float(g.alpha), colormap=str(g.colormap))
+        log.info("Wrote %d Grad-CAM overlays to %s", len(written), g.dir)
+    return table
+
+
+def _load(model: str, device: str) -> Predictor:
+    try:
+        return load_predictor(model, device=device)
+    except UserError:
+        raise
+    except Exception as err:  # MLflow: unknown registered model / alias, unreachable store
+        raise UserError(f"Cannot load model '{model}': {type(err).__name__}: {err}. For a registry URI, "
+                        "check the name and alias (defect-promote sets @champion) and tracking_uri.") from err
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        predict(cfg)
+    except UserError as err:  # inside the task: Hydra would print a traceback for any Exception
+        raise SystemExit(f"error: {err}") from None
+
+
+def main() -> None:
+    try:
+        _hydra_main()
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

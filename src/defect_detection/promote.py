@@ -1,0 +1,92 @@
+"""`defect-promote`: register the best finished run's model and move the `champion` alias to it."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig
+from rich.console import Console
+
+from defect_detection import UserError
+from defect_detection.config import CONFIG_DIR
+from defect_detection.tracking.comparison import get_experiment, resolve_sweep
+from defect_detection.tracking.registry import (
+    Candidate,
+    Promotion,
+    TieBreak,
+    best_candidate,
+    find_candidates,
+    promote,
+)
+
+log = logging.getLogger(__name__)
+
+
+def choose(cfg: DictConfig, client: MlflowClient) -> Candidate:
+    """The run to promote: cfg.run_id, or the best candidate of the experiment / sweep."""
+    experiment = get_experiment(client, cfg.experiment_name)
+    sweep_id, _ = resolve_sweep(client, experiment.experiment_id, cfg.get("sweep"))
+    filters = [f"tags.sweep_id = '{sweep_id}'"] if sweep_id else []
+    if cfg.get("filter"):
+        filters.append(cfg.filter)
+    if cfg.get("run_id"):
+        filters = [f"attributes.run_id = '{cfg.run_id}'"]
+    query = " AND ".join(filters) or None
+    candidates = find_candidates(client, [experiment.experiment_id], cfg.metric, query)
+    if cfg.get("run_id") and not candidates:
+        raise UserError(f"Run {cfg.run_id} is not a candidate: it must be FINISHED, in experiment "
+                        f"'{cfg.experiment_name}', have logged a model and a '{cfg.metric}' value.")
+    tie_break = [TieBreak(t["metric"], t.get("direction", "max")) for t in cfg.get("tie_break") or []]
+    return best_candidate(candidates, cfg.metric, cfg.direction, tie_break, cfg.get("prefer", "newer"))
+
+
+def run_promotion(cfg: DictConfig) -> Promotion:
+    client = MlflowClient(cfg.tracking_uri)
+    candidate = choose(cfg, client)
+    tie_break = [TieBreak(t["metric"], t.get("direction", "max")) for t in cfg.get("tie_break") or []]
+    try:
+        result = promote(client, candidate, name=cfg.registered_model_name, metric=cfg.metric,
+                         direction=cfg.direction, tie_break=tie_break, alias=cfg.alias,
+                         previous_alias=cfg.previous_alias, force=cfg.force, dry_run=cfg.dry_run)
+    except MlflowException as err:
+        raise UserError(f"MLflow registry at {cfg.tracking_uri}: {err.message}") from err
+    _report(result, cfg)
+    return result
+
+
+def _report(r: Promotion, cfg: DictConfig) -> None:
+    was = (f" (was v{r.previous_version}, {r.metric}={r.previous_value:.4g})"
+           if r.previous_version else " (first champion)")
+    text = {
+        "promoted": f"[bold green]Promoted[/] run {r.run_id} as {r.name} v{r.version} @{cfg.alias}: "
+                    f"{r.metric}={r.value:.4g}, threshold {r.tags.get('threshold') or '?'}{was}",
+        "already_champion": f"Run {r.run_id} already is {r.name} v{r.version} @{cfg.alias}: nothing to do.",
+        "dry_run": f"[yellow]Dry run:[/] would promote run {r.run_id} ({r.metric}={r.value:.4g}) to "
+                   f"{r.name} @{cfg.alias}{was}",
+    }[r.action]
+    Console().print(text)
+    if r.action == "promoted":
+        Console().print(f"Load it with mlflow.pyfunc.load_model('models:/{r.name}@{cfg.alias}') or "
+                        f"defect-predict model=models:/{r.name}@{cfg.alias} input=<folder>")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="promote")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_promotion(cfg)
+    except UserError as err:  # inside the task: Hydra would print a traceback for any Exception
+        raise SystemExit(f"error: {err}") from None
+
+
+def main() -> None:
+    try:
+        _hydra_main()
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
