@@ -90,6 +90,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(shared, uninterrupted, 
     assert result_c["run_id"] == run_id  # the same MLflow run continued
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resume_count"] == "1"
+    assert "resume_with" not in run.data.tags  # the hint is gone once acted on
     assert "ckpt_path: None -> last" in run.data.tags["resume.1.changed"]
     history = {r: [(m.step, m.value) for m in client.get_metric_history(r, "val/loss")]
                for r in (run_id, result_a["run_id"])}

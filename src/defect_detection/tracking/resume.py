@@ -150,6 +150,8 @@ def continue_run(tracker: RunTracker, cfg: DictConfig, resume: Resume) -> None:
     run = tracker.client.get_run(resume.run_id)
     count = int(run.data.tags.get("resume_count", "0")) + 1
     tracker.client.update_run(resume.run_id, status="RUNNING")
+    if "resume_with" in run.data.tags:  # the hint left by the interruption is now acted on
+        tracker.client.delete_tag(resume.run_id, "resume_with")
     new, old = flatten(cfg), run.data.params
     changed = {k: (old[k], v[:6000]) for k, v in new.items() if k in old and old[k] != v[:6000]}
     tracker.log_params({k: v for k, v in new.items() if k not in old})
@@ -171,14 +173,16 @@ def note_stopped(tracker: RunTracker, trainer, error: BaseException) -> None:
         if callback is None or not callback.dirpath or isinstance(error, UserError):
             return
         last = Path(callback.dirpath) / LAST
+        # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown
+        why = "Ctrl-C" if isinstance(error, (KeyboardInterrupt, SystemExit)) else type(error).__name__
         if not last.is_file():
             log.warning("Training stopped (%s) before its first epoch ended: no %s to resume from.",
-                        type(error).__name__, last)
+                        why, last)
             return
         command = (f"defect-train ckpt_path=last resume_run_id={tracker.run_id}" if tracker.enabled
                    else f"defect-train ckpt_path={last}")
         log.warning("Training stopped (%s). Resume with: %s (and the same overrides as this run).",
-                    type(error).__name__, command)
+                    why, command)
         tracker.set_tags({"resume_with": command})
     except Exception as err:  # never hide the original error behind a reporting problem
         log.warning("Could not record how to resume: %s", err)
