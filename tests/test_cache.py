@@ -196,3 +196,25 @@ def test_loader_workers_read_the_disk_cache(cfg_factory):
     assert loader.num_workers == 1 and loader.persistent_workers
     seen = torch.cat([idx for _, _, idx in loader])
     assert sorted(seen.tolist()) == list(range(len(dm.datasets["val"])))
+
+
+def test_lightning_fit_keeps_frozen_batchnorm_in_eval(cfg_factory):
+    """Lightning 2.x never calls .train() in fit: the module must, or frozen BN trains (and is slower)."""
+    import pytorch_lightning as pl
+
+    from defect_detection.train import build_datamodule, build_module
+
+    cfg = cfg_factory("logger=none", "backbone.pretrained=false")
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm.class_counts("train"))
+    seen: list[int] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(sum(bn.training for bn in pl_module._frozen_bn))
+
+    assert module._frozen_bn and all(bn.training for bn in module._frozen_bn)  # a fresh module
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[Spy()])
+    trainer.fit(module, datamodule=dm)
+    assert seen == [0]
