@@ -18,6 +18,7 @@ from defect_detection.data.datamodule import DefectDataModule
 from defect_detection.data.summary import log_data_summary
 from defect_detection.data.transforms import build_eval_transform, build_train_transform
 from defect_detection.data.validate import bad_images_frame, screened_records
+from defect_detection.distributed import check_launch
 from defect_detection.evaluation.calibration import calibrate_module
 from defect_detection.evaluation.reports import log_test_report
 from defect_detection.evaluation.thresholds import choose_threshold
@@ -95,10 +96,13 @@ def train(cfg: DictConfig) -> dict:
     split = datamodule.split
     module = build_module(cfg, datamodule.class_counts("train"))
     logger = build_logger(cfg, run_id=resume.run_id)
-    tracker = RunTracker.from_lightning_logger(logger)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c] + [RngStateCallback()]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
                                       plugins=[AtomicCheckpointIO()])
+    # after the Trainer: only then is this process's DDP rank known (other nodes' first process
+    # looks like rank 0 before). Rank 0 alone logs params, artifacts and the model.
+    check_launch(trainer)  # DDP processes must come from the CLI, torchrun or SLURM
+    tracker = RunTracker.from_lightning_logger(logger) if trainer.is_global_zero else RunTracker()
     try:
         if resume.run_id:  # a continued run keeps its params; what changed is tagged
             continue_run(tracker, cfg, resume)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from defect_detection import DEFECT, GOOD
@@ -88,7 +89,15 @@ class DefectDataModule(pl.LightningDataModule):
                                                      [row[r.path] for r in records])
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle,
+        sampler = None
+        trainer = self.trainer
+        if name != "train" and trainer is not None and trainer.world_size > 1:
+            # DDP evaluation: each sample on exactly one rank. Lightning's default DistributedSampler
+            # pads with repeats, which torchmetrics would count twice (val/test metrics off by a sample).
+            sampler = UnrepeatedDistributedSampler(self.datasets[name], num_replicas=trainer.world_size,
+                                                   rank=trainer.global_rank, shuffle=False)
+        return DataLoader(self.datasets[name], batch_size=self.batch_size,
+                          shuffle=shuffle if sampler is None else None, sampler=sampler,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.persistent_workers, drop_last=False)
 

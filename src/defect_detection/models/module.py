@@ -12,6 +12,11 @@ from torchmetrics.classification import BinaryConfusionMatrix
 from defect_detection.evaluation.metrics import decision_metrics, ranking_metrics
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class DefectClassifier(pl.LightningModule):
     """Good/defect classifier; `threshold` is a buffer so checkpoints carry the decision rule."""
 
@@ -81,7 +86,8 @@ class DefectClassifier(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         loss = self.loss_fn(self(x), y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y),
+                 sync_dist=True)  # DDP: the epoch value is the mean over every rank's batches
         return loss
 
     def _eval_step(self, stage: str, batch, threshold: float) -> None:
@@ -109,10 +115,24 @@ class DefectClassifier(pl.LightningModule):
         self._eval_step("test", batch, float(self.threshold))
 
     def _gather(self, stage: str) -> None:
+        """Per-sample outputs of the whole split on every rank (threshold, calibration and reports
+        need all of val/test, not one rank's shard), ordered by index, each index once."""
         parts = self._collect.pop(stage, [])
+        if _world_size() > 1:  # DDP: every rank takes part, even one that saw no batch
+            shards = [None] * _world_size()
+            torch.distributed.all_gather_object(shards, parts)
+            parts = [part for shard in shards for part in shard]
         if parts:
             p, y, idx, logits = (torch.cat(t) for t in zip(*parts))
-            self.outputs[stage] = {"p_defect": p, "label": y, "index": idx, "logits": logits}
+            # a DistributedSampler pads the split to a multiple of the world size by repeating
+            # samples: keep the first copy of each index
+            order = torch.argsort(idx, stable=True)
+            idx = idx[order]
+            keep = torch.ones_like(idx, dtype=torch.bool)
+            keep[1:] = idx[1:] != idx[:-1]
+            order = order[keep]
+            self.outputs[stage] = {"p_defect": p[order], "label": y[order], "index": idx[keep],
+                                   "logits": logits[order]}
 
     def on_validation_epoch_start(self) -> None:
         self._collect.pop("val", None)
@@ -127,8 +147,10 @@ class DefectClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._gather("test")
         (tn, fp), (fn, tp) = self.test_confusion.compute().tolist()
+        # compute() already summed the counts over ranks: every rank holds the same numbers, so
+        # the mean that sync_dist takes changes nothing (it only silences Lightning's DDP warning)
         self.log_dict({"test/tn": float(tn), "test/fp": float(fp), "test/fn": float(fn),
-                       "test/tp": float(tp), "test/threshold": float(self.threshold)})
+                       "test/tp": float(tp), "test/threshold": float(self.threshold)}, sync_dist=True)
 
     def predict_step(self, batch, batch_idx):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
