@@ -213,7 +213,7 @@ def _backend(request, tmp_path: Path) -> str:
     uri = os.environ.get("DEFECT_TEST_POSTGRES_URI")
     if not uri:
         pytest.skip("set DEFECT_TEST_POSTGRES_URI=postgresql://user:pass@host:5432/db to test PostgreSQL")
-    pytest.importorskip("psycopg2", reason="the PostgreSQL backend store needs psycopg2-binary")
+    pytest.importorskip("psycopg", reason="PostgreSQL needs psycopg[binary]: pip install .[postgres]")
     return uri
 
 
