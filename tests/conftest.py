@@ -24,6 +24,20 @@ def compose_train(root: Path, *overrides: str, fast: bool = True) -> DictConfig:
         return compose("train", overrides=[*base, *overrides])
 
 
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_state():
+    """MLflow's fluent API keeps a process-wide active experiment/run: never leak it between tests."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+    fluent._active_experiment_id = None
+    for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        os.environ.pop(var, None)
+
+
 @pytest.fixture
 def cfg_factory(tmp_path):
     def factory(*overrides: str, fast: bool = True) -> DictConfig:
