@@ -77,21 +77,21 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def print_table(table: pd.DataFrame, title: str, top: int | None = None) -> None:
-    """Metrics and the params that differ between the runs (the CSV has every column)."""
+def print_table(table: pd.DataFrame, title: str, top: int | None = None, max_params: int = 5) -> None:
+    """Metrics and the (first few) params that differ between the runs; the CSV has every column."""
     fixed = ("rank", "run_name", "run_id", "status", "sweep_job", "has_model", "error")
     rest = [c for c in table.columns if c not in fixed]
     metrics = [c for c in rest if "/" in c]
     params = [c for c in rest if c not in metrics]
-    varying = [c for c in params if table[c].astype(str).nunique() > 1]
-    columns = ["rank", "run_name", "status", *metrics, *(varying or params), "run_id"]
+    varying = [c for c in params if table[c].astype(str).nunique() > 1]  # key params come first
+    columns = ["rank", "run_name", "status", *metrics, *(varying or params)[:max_params], "run_id"]
     rich = Table(title=title, show_lines=False)
     for col in columns:
-        rich.add_column(col, overflow="ellipsis", no_wrap=True, min_width=min(len(col), 16),
-                        max_width=36 if col == "run_name" else None)
+        rich.add_column(col, overflow="ellipsis", no_wrap=True, min_width=min(len(col), 12),
+                        max_width=36 if col == "run_name" else 20)
     for _, row in (table.head(top) if top else table).iterrows():
         rich.add_row(*(_fmt(row[c]) if c != "run_id" else str(row[c])[:12] for c in columns))
-    Console(width=max(200, Console().width)).print(rich)
+    Console(width=max(220, Console().width)).print(rich)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
