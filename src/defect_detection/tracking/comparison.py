@@ -98,8 +98,10 @@ def comparison_figure(table: pd.DataFrame, metric: str, label_params: Sequence[s
     ax = fig.add_subplot()
     labels, values, colors = [], [], []
     for _, row in table.iterrows():
-        parts = [str(row.get("run_name") or row["run_id"][:8])]
-        parts += [f"{p.split('.')[0]}={row[p]}" for p in label_params if p in row and pd.notna(row[p])]
+        name = str(row.get("run_name") or row["run_id"][:8])
+        parts = [name]
+        if "=" not in name:  # sweep trials are named after their overrides already
+            parts += [f"{p}={row[p]}" for p in label_params if p in row and pd.notna(row[p])]
         label = " | ".join(parts)
         labels.append(label if len(label) <= 70 else label[:69] + "…")
         value = row.get(metric)
@@ -138,7 +140,8 @@ def write_comparison(table: pd.DataFrame, metric: str, out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.png"
     table.to_csv(csv_path, index=False)
-    label_params = [c for c in table.columns if c not in DEFAULT_METRICS and "." in c][:3]
+    params = [c for c in table.columns if "." in c and "/" not in c]
+    label_params = [c for c in params if table[c].astype(str).nunique() > 1][:3]  # what differs
     comparison_figure(table, metric, label_params).savefig(png_path)
     return csv_path, png_path
 
