@@ -35,6 +35,7 @@ from defect_detection.tracking.mlflow_run import (
     artifact_uri,
     ensure_local_store,
     flatten,
+    fluent_tracking_uri,
     git_commit,
 )
 from defect_detection.tracking.pyfunc import log_pyfunc
@@ -176,8 +177,7 @@ def _log_results(tracker: RunTracker, cfg: DictConfig, module: DefectClassifier,
                                  image_size=cfg.data.image_size, mean=cfg.backbone.mean,
                                  std=cfg.backbone.std, threshold=choice.value,
                                  threshold_policy=choice.policy, temperature=float(module.temperature))
-            mlflow.set_tracking_uri(tracker.tracking_uri)
-            with mlflow.start_run(run_id=tracker.run_id):
+            with fluent_tracking_uri(tracker.tracking_uri), mlflow.start_run(run_id=tracker.run_id):
                 log_pyfunc(bundle)
     log_gradcam(tracker, cfg, module, datamodule, stage="test")
 

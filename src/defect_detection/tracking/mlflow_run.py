@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import tempfile
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,6 +19,28 @@ from omegaconf import DictConfig, OmegaConf
 from defect_detection import project_root
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at `uri` for one block, then restore it.
+
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which our configs read: left set, it
+    would silently redirect every later run composed in the same process (sweeps, notebooks, tests).
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    old_env, old_uri = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = old_uri
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 def ensure_local_store(tracking_uri: str) -> None:
