@@ -44,7 +44,7 @@ def test_table_gives_mean_std_and_worst_case_per_recipe():
 def test_tiny_comparison_runs_both_recipes_and_logs_them(tmp_path, synthetic_root):
     cr = _script()
     out = tmp_path / "cmp.md"
-    cr.main(["--data-root", str(synthetic_root.parent), "--categories", "disc", "--seeds", "0",
+    cr.main(["--data-root", str(synthetic_root), "--categories", "disc", "--seeds", "0",
              "--recipes", "seed_recipe", "default", "--out", str(out),
              f"paths.root_dir={tmp_path}", "data.image_size=64", "data.batch_size=8", "trainer.max_epochs=1",
              "data.cache=memory"])
