@@ -13,7 +13,7 @@ from defect_detection.models.losses import build_loss
 from defect_detection.train import build_module
 
 GROUPS = ["data", "split", "backbone", "freezing", "loss", "threshold", "augmentation", "optimizer",
-          "scheduler", "trainer", "logger", "callbacks", "experiment", "debug"]
+          "scheduler", "trainer", "logger", "callbacks", "calibration", "explain", "experiment", "debug"]
 
 
 def _options(group: str) -> list[str]:
