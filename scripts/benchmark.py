@@ -237,12 +237,11 @@ def thin(records: list, limit: int | None) -> list:
     return [records[i] for i in np.linspace(0, len(records) - 1, limit).round().astype(int)]
 
 
-def run(args) -> dict:
+def run(args, work: Path) -> dict:
     result: dict = {"load_before": uptime(), "started": datetime.now().isoformat(timespec="seconds")}
     started = time.perf_counter()
     timings: dict[str, float] = {}
     rss: dict[str, float] = {"after_imports": round(rss_mb(), 1)}
-    work = Path(tempfile.mkdtemp(prefix="defect-benchmark-"))
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     meter = Meter()
@@ -573,7 +572,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {args.data_root / args.categories[0]} not found. Pass --data-root "
                          "/path/to/mvtec (the folder holding bottle/, cable/, ...).")
     try:
-        result = run(args)
+        with tempfile.TemporaryDirectory(prefix="defect-benchmark-") as work:  # caches, MLflow, ONNX
+            result = run(args, Path(work))
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
     result["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
