@@ -19,9 +19,12 @@ from defect_detection.data.splits import SPLITS, Split
 def auto_num_workers() -> int:
     """DataLoader workers when data.num_workers is left to the machine.
 
-    CPU: 0. Measured by scripts/benchmark.py on 2 cores with cached tensors, a worker only takes
-    a core from the model's intra-op threads. GPU: the model waits on CPU augmentation, so
-    up to 8 workers, leaving one core to the main process.
+    CPU: 0. With cached tensors the train augmentation costs ~3 ms CPU per 224-px image against
+    ~40 ms for the Lite0 step (measured on 2 cores), so a worker can win at most ~10% there,
+    while it competes with the model's intra-op threads for the same cores; it also costs a
+    process and a copy of the loader state. scripts/benchmark.py reports
+    train_images_per_s_by_num_workers: set data.num_workers where it shows a gain.
+    GPU: the model waits on CPU augmentation, so up to 8 workers, one core left to the main process.
     """
     if not torch.cuda.is_available():
         return 0
