@@ -29,11 +29,14 @@ def _isolated_mlflow_state():
     """MLflow's fluent API keeps a process-wide active experiment/run: never leak it between tests."""
     import mlflow
     from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils
 
     yield
     utils._tracking_uri = None
+    registry_utils._registry_uri = None
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
     while mlflow.active_run():
         mlflow.end_run()
     fluent._active_experiment_id = None

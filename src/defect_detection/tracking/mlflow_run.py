@@ -22,25 +22,31 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def fluent_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at `uri` for one block, then restore it.
+def fluent_tracking_uri(uri: str, registry_uri: str | None = None) -> Iterator[None]:
+    """Point MLflow's fluent API at `uri` (and a registry) for one block, then restore them.
 
-    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which our configs read: left set, it
-    would silently redirect every later run composed in the same process (sweeps, notebooks, tests).
+    mlflow.set_tracking_uri / set_registry_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI,
+    which our configs and every later MlflowClient read: left set, they would silently redirect
+    every later run composed in the same process (sweeps, notebooks, tests).
     """
     import mlflow
-    from mlflow.tracking._tracking_service import utils
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    old_env, old_uri = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
     mlflow.set_tracking_uri(uri)
+    if registry_uri:
+        mlflow.set_registry_uri(registry_uri)
     try:
         yield
     finally:
-        utils._tracking_uri = old_uri
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def ensure_local_store(tracking_uri: str) -> None:

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from defect_detection import UserError
 from defect_detection.tracking.comparison import metric_value, runs_with_models, sign
+from defect_detection.tracking.mlflow_run import fluent_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +167,8 @@ def promote(client: MlflowClient, candidate: Candidate, *, name: str, metric: st
         return result
     version = _version_for_run(client, name, candidate)
     if version is None:
-        mlflow.set_tracking_uri(client.tracking_uri)  # register_model uses the fluent URIs
-        mlflow.set_registry_uri(client._registry_uri)
-        version = mlflow.register_model(candidate.model_uri, name, tags=tags)
+        with fluent_tracking_uri(client.tracking_uri, client._registry_uri):  # register_model is fluent
+            version = mlflow.register_model(candidate.model_uri, name, tags=tags)
     else:  # registered before (e.g. a former champion coming back): reuse, refresh the tags
         for key, val in tags.items():
             client.set_model_version_tag(name, version.version, key, val)
