@@ -63,6 +63,7 @@ def test_predict_glob_with_the_champion_uri_matches_the_bundle(champion, synthet
     from_uri = predict(predict_cfg(root, f"model=models:/{NAME}@champion", f"input='{pattern}'"))
     from_bundle = predict(predict_cfg(tmp_path, f"model={bundle}", f"input='{pattern}'"))
     assert len(from_uri) == 8  # good, crack, scratch, spot x 2
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the fluent URI did not leak into later runs
     assert np.allclose(from_uri["p_defect"], from_bundle["p_defect"], atol=1e-6)
     assert list(from_uri["path"]) == list(from_bundle["path"])
 

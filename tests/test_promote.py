@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
+from defect_detection.tracking.mlflow_run import fluent_tracking_uri
 from defect_detection.tracking.registry import (
     PromotionRefused,
     TieBreak,
@@ -60,8 +61,7 @@ def make_run(root: Path, metrics: dict[str, float], *, status: str = "FINISHED",
     for key, value in metrics.items():
         client.log_metric(run.info.run_id, key, value)
     if bundle is not None:
-        mlflow.set_tracking_uri(tracking_uri(root))
-        with mlflow.start_run(run_id=run.info.run_id):
+        with fluent_tracking_uri(tracking_uri(root)), mlflow.start_run(run_id=run.info.run_id):
             log_pyfunc(bundle)
     client.set_terminated(run.info.run_id, status)
     time.sleep(0.01)  # distinct start times for the age tie-break
@@ -168,8 +168,8 @@ def test_registered_champion_predicts_paths_and_arrays_of_any_size(store, synthe
     root, client, ids = store
     if version_by_alias(client, NAME, "champion") is None:
         promote(client, candidates(client)[0], name=NAME, metric="val/auroc", force=True)
-    mlflow.set_tracking_uri(tracking_uri(root))
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    with fluent_tracking_uri(tracking_uri(root)):
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     paths = sorted(str(p) for p in synthetic_root.glob("disc/test/*/*.png"))[:4]
     out = model.predict(pd.DataFrame({"path": paths}))
     assert list(out["path"]) == paths

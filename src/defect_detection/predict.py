@@ -19,6 +19,7 @@ from rich.progress import track
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
 from defect_detection.models.inference import Predictor, load_predictor
+from defect_detection.tracking.mlflow_run import fluent_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,10 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     from defect_detection.explain.writer import expand_inputs
 
     model = str(cfg.model)
-    if "://" in model or model.startswith(("runs:/", "models:/")):
-        import mlflow
-
-        mlflow.set_tracking_uri(cfg.tracking_uri)
     inputs = OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else cfg.input
     paths = expand_inputs(inputs)
-    predictor = _load(model, cfg.device)
+    with fluent_tracking_uri(cfg.tracking_uri):  # for runs:/ and models:/ URIs; restored after
+        predictor = _load(model, cfg.device)
     predictor.batch_size = int(cfg.batch_size)
     table = score(predictor, paths, cfg.get("on_error", "skip"))
     out = Path(cfg.output)
