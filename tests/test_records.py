@@ -80,3 +80,14 @@ def test_one_class_dataset_is_refused(tmp_path):
     (tmp_path / "defect").mkdir()
     with pytest.raises(UserError, match="No defect images"):
         check_records(read_folder(tmp_path), str(tmp_path))
+
+
+def test_configured_reader_errors_surface_unwrapped(tmp_path):
+    from omegaconf import OmegaConf
+
+    from defect_detection.data.records import records_from_config
+
+    cfg = OmegaConf.create({"_target_": "defect_detection.data.records.read_mvtec",
+                            "root": str(tmp_path / "missing"), "categories": ["bottle"]})
+    with pytest.raises(UserError, match="missing"):
+        records_from_config(cfg)

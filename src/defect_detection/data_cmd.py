@@ -19,6 +19,7 @@ from rich.table import Table
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
 from defect_detection.data.audit import AuditWarning
+from defect_detection.data.records import records_from_config
 from defect_detection.data.summary import DataSummary, DecodeOnDemand, write_data_summary
 from defect_detection.data.transforms import build_train_transform
 
@@ -30,7 +31,7 @@ def data_summary(cfg: DictConfig, console: Console | None = None) -> DataSummary
     """Read the records, split them as train would, write the summary to cfg.out_dir and print it."""
     console = console or Console()
     start = time.perf_counter()
-    records = instantiate(cfg.data.records)
+    records = records_from_config(cfg.data.records)
     split, split_error = None, None
     try:
         split = instantiate(cfg.split.make)(records)
@@ -79,7 +80,10 @@ def print_summary(summary: DataSummary, console: Console, title: str = "images p
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="data_summary")
 def _hydra_main(cfg: DictConfig) -> None:
-    data_summary(cfg)
+    try:
+        data_summary(cfg)
+    except UserError as err:  # here: Hydra prints a traceback for any exception leaving this function
+        raise SystemExit(f"error: {err}") from None
 
 
 def main() -> None:

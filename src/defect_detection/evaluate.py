@@ -21,7 +21,7 @@ from rich.progress import Progress
 
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
-from defect_detection.data.records import ImageRecord, check_records
+from defect_detection.data.records import ImageRecord, check_records, records_from_config
 from defect_detection.evaluation.reports import prediction_table, write_report
 from defect_detection.evaluation.thresholds import ThresholdChoice
 from defect_detection.models.inference import Predictor, load_predictor
@@ -41,7 +41,7 @@ def select_records(cfg: DictConfig) -> tuple[list[ImageRecord], bool]:
     """The records of `cfg.subset` and whether that subset is flagged leaky by its split."""
     if cfg.subset not in SUBSETS:
         raise UserError(f"subset={cfg.subset!r} is unknown; choose one of {list(SUBSETS)}.")
-    records = instantiate(cfg.data.records)
+    records = records_from_config(cfg.data.records)
     if cfg.subset == "all":
         if not records:
             raise UserError(f"No images found in {cfg.data.root}.")

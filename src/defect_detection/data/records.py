@@ -181,3 +181,16 @@ def check_records(records: Sequence[ImageRecord], where: str) -> None:
     if DEFECT not in labels:
         raise UserError(f"No defect images found in {where}: a good/defect classifier needs both classes "
                         f"({layouts}).")
+
+
+def records_from_config(records_cfg) -> list[ImageRecord]:
+    """Instantiate the configured reader; its UserError surfaces as itself, not wrapped by Hydra."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(records_cfg)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
