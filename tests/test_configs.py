@@ -69,3 +69,23 @@ def test_tracking_uri_is_absolute_and_env_overridable(cfg_factory, monkeypatch, 
     assert cfg.logger.tracking_uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert cfg_factory().logger.tracking_uri == "http://127.0.0.1:5999"
+
+
+def test_entry_points_turn_user_errors_into_one_line_and_keep_other_errors():
+    from defect_detection import UserError
+    from defect_detection.config import exit_on_user_error
+
+    @exit_on_user_error
+    def task(value: str) -> str:
+        if value == "bad":
+            raise UserError("data.root=/nowhere does not exist; point it at your images.")
+        if value == "bug":
+            raise KeyError(value)
+        return value
+
+    assert task("ok") == "ok" and task.__wrapped__.__name__ == "task"  # Hydra unwraps to find the module
+    with pytest.raises(SystemExit) as exit_info:
+        task("bad")
+    assert exit_info.value.code == "error: data.root=/nowhere does not exist; point it at your images."
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        task("bug")

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from defect_detection import UserError
-from defect_detection.config import CONFIG_DIR
+from defect_detection.config import CONFIG_DIR, exit_on_user_error
 from defect_detection.tracking.comparison import (
     ROLE_TAG,
     comparison_table,
@@ -95,18 +95,9 @@ def print_table(table: pd.DataFrame, title: str, top: int | None = None, max_par
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        compare(cfg)
-    except UserError as err:  # inside the task: Hydra would print a traceback for any Exception
-        raise SystemExit(f"error: {err}") from None
-
-
-def main() -> None:
-    try:
-        _hydra_main()
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    compare(cfg)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from omegaconf import OmegaConf
 
-from defect_detection import project_root
+from defect_detection import UserError, project_root
 
 CONFIG_DIR = str(project_root() / "conf")
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def exit_on_user_error(task: F) -> F:
+    """Print a UserError as one `error: ...` line and exit 1, not a traceback.
+
+    Goes between @hydra.main and the task: Hydra prints a traceback for any exception that leaves
+    the task function, so the conversion has to happen inside it."""
+
+    @functools.wraps(task)  # Hydra unwraps __wrapped__ to name the job after the task's module
+    def wrapper(*args, **kwargs):
+        try:
+            return task(*args, **kwargs)
+        except UserError as err:
+            raise SystemExit(f"error: {err}") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def register_resolvers() -> None:

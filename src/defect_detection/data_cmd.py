@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from defect_detection import UserError
-from defect_detection.config import CONFIG_DIR
+from defect_detection.config import CONFIG_DIR, exit_on_user_error
 from defect_detection.data.audit import AuditWarning
 from defect_detection.data.records import records_from_config
 from defect_detection.data.summary import DataSummary, DecodeOnDemand, write_data_summary
@@ -79,18 +79,9 @@ def print_summary(summary: DataSummary, console: Console, title: str = "images p
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="data_summary")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        data_summary(cfg)
-    except UserError as err:  # here: Hydra prints a traceback for any exception leaving this function
-        raise SystemExit(f"error: {err}") from None
-
-
-def main() -> None:
-    try:
-        _hydra_main()
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    data_summary(cfg)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
 from defect_detection import UserError
-from defect_detection.config import CONFIG_DIR
+from defect_detection.config import CONFIG_DIR, exit_on_user_error
 from defect_detection.data.records import ImageRecord, check_records, records_from_config
 from defect_detection.evaluation.reports import prediction_table, write_report
 from defect_detection.evaluation.thresholds import ThresholdChoice
@@ -158,18 +158,9 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except UserError as err:  # raised here: Hydra would print any Exception as a traceback
-        raise SystemExit(f"error: {err}") from None
-
-
-def main() -> None:
-    try:
-        _hydra_main()
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from defect_detection import UserError
-from defect_detection.config import CONFIG_DIR
+from defect_detection.config import CONFIG_DIR, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +34,9 @@ def explain(cfg: DictConfig) -> list[Path]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="explain_cmd")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        explain(cfg)
-    except UserError as err:  # here, not in main(): Hydra prints a traceback for any Exception
-        raise SystemExit(f"error: {err}") from None
-
-
-def main() -> None:
-    _hydra_main()
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    explain(cfg)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
 
 from defect_detection import UserError
-from defect_detection.config import CONFIG_DIR
+from defect_detection.config import CONFIG_DIR, exit_on_user_error
 from defect_detection.models.inference import Predictor, load_predictor
 from defect_detection.tracking.mlflow_run import fluent_tracking_uri
 
@@ -96,18 +96,9 @@ def _load(model: str, device: str) -> Predictor:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        predict(cfg)
-    except UserError as err:  # inside the task: Hydra would print a traceback for any Exception
-        raise SystemExit(f"error: {err}") from None
-
-
-def main() -> None:
-    try:
-        _hydra_main()
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    predict(cfg)
 
 
 if __name__ == "__main__":

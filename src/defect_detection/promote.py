@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from defect_detection import UserError
-from defect_detection.config import CONFIG_DIR
+from defect_detection.config import CONFIG_DIR, exit_on_user_error
 from defect_detection.tracking.comparison import get_experiment, resolve_sweep
 from defect_detection.tracking.registry import (
     Candidate,
@@ -74,18 +74,9 @@ def _report(r: Promotion, cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="promote")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run_promotion(cfg)
-    except UserError as err:  # inside the task: Hydra would print a traceback for any Exception
-        raise SystemExit(f"error: {err}") from None
-
-
-def main() -> None:
-    try:
-        _hydra_main()
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    run_promotion(cfg)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from defect_detection import UserError
-from defect_detection.config import CONFIG_DIR
+from defect_detection.config import CONFIG_DIR, exit_on_user_error
 from defect_detection.data.datamodule import DefectDataModule
 from defect_detection.data.summary import log_data_summary
 from defect_detection.data.transforms import build_eval_transform, build_train_transform
@@ -183,7 +182,8 @@ def _log_results(tracker: RunTracker, cfg: DictConfig, module: DefectClassifier,
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
+@exit_on_user_error
+def main(cfg: DictConfig) -> float | None:
     if in_multirun():  # one failing trial must not end the sweep: its run is FAILED with the error
         try:
             metrics = train(cfg)
@@ -192,19 +192,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             log.error("Trial failed (MLflow run %s): %s: %s", run_id, type(err).__name__, err)
             return float("nan")
     else:
-        try:
-            metrics = train(cfg)
-        except UserError as err:  # here, not in main(): Hydra prints a traceback for any Exception
-            raise SystemExit(f"error: {err}") from None
+        metrics = train(cfg)
     value = metrics["val"].get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     return None if value is None else float(value)
-
-
-def main() -> None:
-    try:
-        _hydra_main()
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":
