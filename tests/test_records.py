@@ -33,6 +33,23 @@ def test_synthetic_is_deterministic(tmp_path):
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(b / path.relative_to(a))))
 
 
+def test_synthetic_generated_by_two_processes_at_once_is_complete(tmp_path):
+    """Parallel sweep trials on a fresh checkout generate the same root at the same time."""
+    import multiprocessing
+
+    root, args = tmp_path / "syn", (["disc", "plate"], 10, 2, 3, 64)
+    ctx = multiprocessing.get_context("fork")  # both start at once: generation outlasts the fork
+    procs = [ctx.Process(target=generate_synthetic, args=(root, *args)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert len(read_mvtec(root, ["disc", "plate"])) == 2 * (10 + 2 + 3 * len(DEFECT_TYPES))
+    assert len(list(root.rglob("*_mask.png"))) == 2 * 3 * len(DEFECT_TYPES)
+    assert [p.name for p in tmp_path.iterdir()] == ["syn"]  # no temporary folder left behind
+
+
 def test_mvtec_reader_modes_masks_and_missing_ground_truth(tmp_path):
     cat = tmp_path / "widget"
     _img(cat / "train/good/000.png", "L")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,18 +86,47 @@ def generate_synthetic(
     image_size: int = 128,
     seed: int = 0,
 ) -> Path:
-    """Write the dataset under root (skipped when an identical one is already there)."""
+    """Write the dataset under root (skipped when an identical one is already there).
+
+    Processes that generate the same root at once (parallel sweep trials on a fresh checkout)
+    each write their own temporary folder and rename it into place; one that loses the race
+    keeps the winner's identical data. A shared temporary folder let one process delete the
+    other's files, leaving a root with a valid marker but images missing.
+    """
     root = Path(root).expanduser()
     params = dict(categories=list(categories), n_train_good=n_train_good, n_test_good=n_test_good,
                   n_per_defect=n_per_defect, image_size=image_size, seed=seed)
-    marker = root / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == params:
+    if _generated(root, params):
         return root
     unknown = sorted(set(categories) - set(CATEGORIES))
     if unknown:
         raise ValueError(f"Unknown synthetic categories {unknown}; choose from {list(CATEGORIES)}.")
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    try:
+        _write(tmp, params)
+        if _generated(root, params):  # another process finished the same data meanwhile
+            return root
+        shutil.rmtree(root, ignore_errors=True)  # other parameters (or none): replaced
+        try:
+            tmp.rename(root)
+        except OSError:  # lost the race for the rename
+            if not _generated(root, params):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _generated(root: Path, params: dict) -> bool:
+    marker = root / _MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == params
+
+
+def _write(tmp: Path, params: dict) -> None:
+    categories, seed, image_size = params["categories"], params["seed"], params["image_size"]
+    n_train_good, n_test_good, n_per_defect = (params["n_train_good"], params["n_test_good"],
+                                               params["n_per_defect"])
     for c_index, category in enumerate(categories):
         rng = np.random.default_rng([seed, c_index])
         cat = tmp / category
@@ -113,11 +143,6 @@ def generate_synthetic(
                 mask_path.parent.mkdir(parents=True, exist_ok=True)
                 mask.save(mask_path)
     (tmp / _MARKER).write_text(json.dumps(params))
-    if root.exists():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(root)
-    return root
 
 
 def synthetic_records(root: str | Path, categories: Sequence[str] = CATEGORIES, **params):
