@@ -100,3 +100,84 @@ def test_focal_loss_reduces_to_ce_at_gamma_zero():
     ce = nn.functional.cross_entropy(logits, target)
     assert torch.allclose(FocalLoss(gamma=0.0)(logits, target), ce, atol=1e-6)
     assert FocalLoss(gamma=2.0)(logits, target) < ce
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "resnet50"])
+def test_batchnorm_folding_scores_like_the_original_and_leaves_it_alone(name):
+    from defect_detection.models.backbones import BACKBONES
+    from defect_detection.models.batchnorm_folding import fold_batchnorm
+
+    assert name in BACKBONES
+    torch.manual_seed(0)
+    net = build_network(name, pretrained=False).eval()
+    for m in net.modules():  # trained-looking statistics, so a wrong pairing cannot hide
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fold_batchnorm(net)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        reference, logits = net(x), folded(x)
+    assert (logits - reference).abs().max() <= 1e-4 * reference.abs().max()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())  # every pair folded
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # original untouched
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) > 0
+
+
+def test_batchnorm_folding_skips_a_batchnorm_that_is_not_the_convs_own():
+    from defect_detection.models.batchnorm_folding import fold_batchnorm
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False),
+                        nn.Conv2d(8, 4, 1), nn.BatchNorm1d(4)).eval()
+    folded = fold_batchnorm(net)
+    assert [type(m) for m in folded] == [nn.Conv2d, nn.BatchNorm2d, nn.Conv2d, nn.BatchNorm1d]
+
+
+def test_classifier_scores_identically_with_batchnorm_folded_and_keeps_its_state_dict():
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from defect_detection.models.module import DefectClassifier
+
+    torch.manual_seed(0)
+    net = build_network("resnet18", pretrained=False)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.uniform_(-0.5, 0.5)
+    x, y = torch.randn(10, 3, 64, 64), torch.tensor([0, 1] * 5)
+    loader = DataLoader(TensorDataset(x, y, torch.arange(10)), batch_size=4)
+    scores = {}
+    for fold in (False, True):
+        module = DefectClassifier(net, nn.CrossEntropyLoss(), torch.optim.SGD, None, channels_last=True,
+                                  fold_batchnorm=fold)
+        keys = set(module.state_dict())
+        pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                   enable_model_summary=False).test(module, loader, verbose=False)
+        scores[fold] = module.outputs["test"]["p_defect"]
+        assert set(module.state_dict()) == keys and "_scoring_net" not in module.__dict__
+    assert (scores[True] - scores[False]).abs().max() <= 1e-5
+
+
+def test_predictor_scores_with_batchnorm_folded_like_the_plain_net_and_pickles_without_the_copy(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from defect_detection.models.inference import Predictor, save_bundle
+
+    torch.manual_seed(0)
+    net = build_network("efficientnet_lite0", pretrained=False).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    bundle = save_bundle(tmp_path / "b.pt", net, backbone="efficientnet_lite0", image_size=64,
+                         mean=[0.5] * 3, std=[0.5] * 3, threshold=0.5)
+    images = [np.random.default_rng(i).integers(0, 256, (80, 90, 3), dtype=np.uint8) for i in range(3)]
+    folded, plain = Predictor(bundle), Predictor(bundle, fold_batchnorm=False)
+    p_folded, p_plain = folded.predict(images), plain.predict(images)
+    assert np.abs(np.asarray(p_folded["p_defect"]) - np.asarray(p_plain["p_defect"])).max() <= 1e-5
+    assert "_folded" in folded.__dict__ and "_folded" not in pickle.loads(pickle.dumps(folded)).__dict__

@@ -64,6 +64,8 @@ class BackboneSchema(_Loose):
     min_image_size: int = Field(default=32, ge=1)
     mean: list[float] = Field(min_length=3, max_length=3)
     std: list[float] = Field(min_length=3, max_length=3)
+    channels_last: bool = False
+    fold_batchnorm: bool = False
 
 
 class LossSchema(_Loose):

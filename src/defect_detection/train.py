@@ -71,7 +71,8 @@ def build_module(cfg: DictConfig, class_counts: tuple[int, int]) -> DefectClassi
     meta = {"backbone": bb.name, "image_size": int(cfg.data.image_size)}
     return DefectClassifier(net, loss, instantiate(cfg.optimizer), scheduler,
                             frozen_bn if cfg.freezing.bn_eval else (), bb.mean, bb.std,
-                            channels_last=bool(bb.get("channels_last", False)), meta=meta)
+                            channels_last=bool(bb.get("channels_last", False)), meta=meta,
+                            fold_batchnorm=bool(bb.get("fold_batchnorm", False)))
 
 
 def build_logger(cfg: DictConfig, run_id: str | None = None):

@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics.classification import BinaryConfusionMatrix
 
 from defect_detection.evaluation.metrics import decision_metrics, ranking_metrics
+from defect_detection.models.batchnorm_folding import fold_batchnorm
 
 
 def _world_size() -> int:
@@ -23,12 +24,14 @@ class DefectClassifier(pl.LightningModule):
     def __init__(self, net: nn.Module, loss_fn: nn.Module, optimizer: Callable, scheduler: Callable | None,
                  frozen_bn: Sequence[nn.Module] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5), threshold: float = 0.5,
-                 channels_last: bool = False, meta: dict | None = None) -> None:
+                 channels_last: bool = False, meta: dict | None = None,
+                 fold_batchnorm: bool = False) -> None:
         super().__init__()
         self.net, self.loss_fn = net, loss_fn
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self._frozen_bn = list(frozen_bn)
         self.channels_last = channels_last
+        self.fold_batchnorm = fold_batchnorm  # score val/test/predict with BatchNorm folded in
         self.meta = dict(meta or {})  # backbone name, image size: what rebuilds the net from a .ckpt
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
@@ -47,6 +50,26 @@ class DefectClassifier(pl.LightningModule):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
+
+    def _score(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for evaluation: the BatchNorm-folded copy when one is in use, else the net."""
+        net = self.__dict__.get("_scoring_net", self.net)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return net(x)
+
+    def _start_scoring(self) -> None:
+        """Fold BatchNorm into a scoring copy of the current weights (rebuilt every epoch, kept
+        out of the module's children so checkpoints, DDP and Grad-CAM only see the real net)."""
+        self._stop_scoring()
+        if self.fold_batchnorm:
+            folded = fold_batchnorm(self.net)
+            if self.channels_last:
+                folded = folded.to(memory_format=torch.channels_last)
+            self.__dict__["_scoring_net"] = folded
+
+    def _stop_scoring(self) -> None:
+        self.__dict__.pop("_scoring_net", None)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """p_defect of logits, tempered exactly as Predictor does with the bundle's temperature."""
@@ -92,7 +115,7 @@ class DefectClassifier(pl.LightningModule):
 
     def _eval_step(self, stage: str, batch, threshold: float) -> None:
         x, y, idx = batch
-        logits = self(x).float()
+        logits = self._score(x).float()
         p = self.probabilities(logits)
         pred = (p >= threshold).long()
         decisions = getattr(self, f"{stage}_decisions")
@@ -136,15 +159,19 @@ class DefectClassifier(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._collect.pop("val", None)
+        self._start_scoring()
 
     def on_validation_epoch_end(self) -> None:
+        self._stop_scoring()
         self._gather("val")
 
     def on_test_epoch_start(self) -> None:
         self._collect.pop("test", None)
         self.test_confusion.reset()
+        self._start_scoring()
 
     def on_test_epoch_end(self) -> None:
+        self._stop_scoring()
         self._gather("test")
         (tn, fp), (fn, tp) = self.test_confusion.compute().tolist()
         # compute() already summed the counts over ranks: every rank holds the same numbers, so
@@ -154,7 +181,13 @@ class DefectClassifier(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.p_defect(x)
+        return self.probabilities(self._score(x))
+
+    def on_predict_epoch_start(self) -> None:
+        self._start_scoring()
+
+    def on_predict_epoch_end(self) -> None:
+        self._stop_scoring()
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
