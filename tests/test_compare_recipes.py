@@ -63,7 +63,7 @@ def test_tiny_comparison_runs_both_recipes_and_logs_them(tmp_path, synthetic_roo
 
 def test_default_recipe_and_seed_overlays_pin_what_they_claim(cfg_factory):
     default = cfg_factory(fast=False)
-    assert default.optimizer._target_ == "torch.optim.AdamW" and default.optimizer.lr == 1e-3
+    assert default.optimizer._target_ == "torch.optim.AdamW" and default.optimizer.lr == 3e-4
     assert default.scheduler._target_.endswith("CosineAnnealingLR") and default.trainer.max_epochs == 12
     assert default.callbacks.early_stopping.monitor == "val/loss" == default.monitor.metric
     for name in ("seed_recipe", "seed_protocol"):

@@ -25,7 +25,7 @@ def test_run_is_finished_with_params_metrics_and_artifacts(trained):
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["backbone.name"] == "efficientnet_lite0"
-    assert run.data.params["optimizer.lr"] == "0.001"  # the default recipe (conf/optimizer/adamw_1e3.yaml)
+    assert run.data.params["optimizer.lr"] == "0.0003"  # the default recipe (conf/optimizer/adamw_3e4.yaml)
     assert run.data.tags["dataset"] == "synthetic" and run.data.tags["backbone"] == "efficientnet_lite0"
     assert run.data.tags["git_commit"]
     assert len(client.get_metric_history(run.info.run_id, "val/auroc")) >= 2  # per epoch
