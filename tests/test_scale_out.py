@@ -1,5 +1,6 @@
 """Scale-out on standard engines: DDP (simulated on CPU with gloo), the submitit launcher with its
-local executor, and a real `mlflow server` over HTTP (sqlite, or PostgreSQL when one is offered).
+local executor, and a real `mlflow server` over HTTP (sqlite, and PostgreSQL: a throwaway cluster
+from the system's initdb/pg_ctl, or the server in DEFECT_TEST_POSTGRES_URI).
 
 The slow tests start real processes through the same command a user types (`defect-train`):
 Lightning's DDP re-runs that command for rank 1, so it cannot be exercised from inside pytest.
@@ -15,9 +16,11 @@ import sys
 import time
 import urllib.request
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -26,6 +29,7 @@ from mlflow import MlflowClient
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
 from defect_detection.distributed import check_launch
+from tests.postgres_cluster import ClusterUnavailable, postgres_cluster
 
 # Tiny, untrained-from-ImageNet runs: what differs between the runs compared here is only how
 # they are launched. No augmentation (its random draws differ per rank), frozen BatchNorm
@@ -185,7 +189,7 @@ def test_submitit_local_launcher_runs_two_trials(tmp_path):
     assert list(tmp_path.glob("outputs/train-multirun/*/.submitit/*/*_result.pkl"))  # submitit did it
 
 
-# -- slow: a real tracking server -----------------------------------------------------------------------
+# -- a real tracking server: sqlite, and PostgreSQL when initdb/pg_ctl are on PATH ----------------------
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -207,20 +211,37 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
     raise RuntimeError(f"mlflow server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def _backend(request, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/server/mlflow.db"
+@pytest.fixture(scope="session")
+def postgres_uri():
+    """DEFECT_TEST_POSTGRES_URI (an external server), else a throwaway cluster from the system's
+    initdb/pg_ctl, started once per session and always stopped and removed; skipped with the
+    reason when neither is possible."""
+    pytest.importorskip("psycopg", reason="PostgreSQL needs psycopg[binary]: pip install -e '.[dev]'")
     uri = os.environ.get("DEFECT_TEST_POSTGRES_URI")
-    if not uri:
-        pytest.skip("set DEFECT_TEST_POSTGRES_URI=postgresql://user:pass@host:5432/db to test PostgreSQL")
-    pytest.importorskip("psycopg", reason="PostgreSQL needs psycopg[binary]: pip install .[postgres]")
-    return uri
+    if uri:
+        yield uri
+        return
+    with ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(postgres_cluster())
+        except ClusterUnavailable as err:
+            pytest.skip(f"no PostgreSQL cluster could start ({err}); an external server: "
+                        "DEFECT_TEST_POSTGRES_URI=postgresql://user:pass@host:5432/db")
+        yield cluster.uri
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def mlflow_server(request, tmp_path):
+def mlflow_backend(request, tmp_path) -> str:
+    """The server's backend store URI."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/server/mlflow.db"
+    return request.getfixturevalue("postgres_uri")  # started only when a PostgreSQL case runs
+
+
+@pytest.fixture
+def mlflow_server(mlflow_backend, tmp_path):
     """`mlflow server` on 127.0.0.1 with --serve-artifacts; always terminated."""
-    backend = _backend(request, tmp_path)
+    backend = mlflow_backend
     (tmp_path / "server").mkdir(exist_ok=True)
     port, log = _free_port(), tmp_path / "server" / "server.log"
     url = f"http://127.0.0.1:{port}"
@@ -243,8 +264,7 @@ def mlflow_server(request, tmp_path):
             proc.wait(timeout=10)
 
 
-@pytest.mark.slow
-def test_train_and_promote_against_a_tracking_server(mlflow_server, tmp_path):
+def test_train_and_promote_against_a_tracking_server(mlflow_server, mlflow_backend, tmp_path):
     import mlflow
 
     from defect_detection.promote import run_promotion
@@ -268,6 +288,17 @@ def test_train_and_promote_against_a_tracking_server(mlflow_server, tmp_path):
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")  # downloaded over HTTP
     assert model.metadata.run_id == result["run_id"]
+
+    engine = sqlalchemy.create_engine(mlflow_backend)  # the server wrote to the backend under test
+    try:
+        with engine.connect() as conn:
+            stored = conn.execute(sqlalchemy.text("SELECT status FROM runs WHERE run_uuid = :id"),
+                                  {"id": result["run_id"]}).scalar_one()
+            alias = conn.execute(sqlalchemy.text("SELECT alias FROM registered_model_aliases "
+                                                 "WHERE name = :n"), {"n": model_name}).scalar_one()
+    finally:
+        engine.dispose()
+    assert (stored, alias) == ("FINISHED", "champion")
 
 
 def test_frozen_batchnorm_stays_in_eval_mode_while_training(cfg_factory):
