@@ -12,7 +12,8 @@ parameters everywhere; the paths differ only in what the framework changes:
      num_workers=0, contiguous tensors, a plain train loop and a torch.no_grad eval loop
   b  framework training: Hydra-composed config, DefectDataModule over the decoded-image cache,
      Lightning Trainer.fit (per-epoch time; validation off), without and with MLflow logging
-  c  framework evaluation: Trainer.test over the cache (metrics, channels_last, inference_mode)
+  c  framework evaluation: Trainer.test over the cache (metrics, channels_last, inference_mode,
+     BatchNorm folded into the convolutions: backbone.fold_batchnorm)
   d  ONNX Runtime on the same preprocessed tensors (defect-export's graph, parity-checked)
   bare  a plain PyTorch loop over the same cached loader and model: b/bare is the cost of
      Lightning + Hydra + MLflow
@@ -57,6 +58,7 @@ from defect_detection.config import CONFIG_DIR
 from defect_detection.data.cache import cached_images
 from defect_detection.data.splits import Split
 from defect_detection.export import export_onnx
+from defect_detection.models.batchnorm_folding import fold_batchnorm
 from defect_detection.models.inference import Predictor, save_bundle
 from defect_detection.models.onnx_predictor import OnnxPredictor
 from defect_detection.tracking.mlflow_run import RunTracker, flatten
@@ -340,6 +342,8 @@ def run(args, work: Path) -> dict:
     loader = [(x,) for x in batches]
     net = trained.net
     contiguous = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    folded = fold_batchnorm(net).to(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     seed_eval_loader = DataLoader(SeedDataset(split.test, eval_tf), batch_size=args.batch_size, num_workers=0)
     bundle = save_bundle(work / "bundle.pt", net, backbone=cfg.backbone.name, image_size=args.image_size,
                          mean=cfg.backbone.mean, std=cfg.backbone.std, threshold=float(trained.threshold))
@@ -356,6 +360,7 @@ def run(args, work: Path) -> dict:
         "c_framework_eval": framework_eval,
         "bare_eval_cached": lambda: plain_eval(net, loader, device, channels_last),
         "bare_eval_cached_contiguous": lambda: plain_eval(contiguous, loader, device, False),
+        "bare_eval_cached_bn_folded": lambda: plain_eval(folded, loader, device, channels_last),
         "bare_eval_cached_bf16": lambda: plain_eval(net, loader, device, channels_last, bf16=True),
         "d_onnxruntime": lambda: np.concatenate([onnx._scores(x) for x in batches]),
         "a_seed_eval": lambda: plain_eval(seed.module.net, seed_eval_loader, device, False,
@@ -378,6 +383,7 @@ def run(args, work: Path) -> dict:
     result["bf16_accuracy"] = dict(
         compare(scores["bare_eval_cached_bf16"], p_fp32, threshold),
         framework_vs_bare_fp32_max_abs_diff=float(np.abs(scores["c_framework_eval"] - p_fp32).max()),
+        bn_folded_vs_plain_max_abs_diff=float(np.abs(scores["bare_eval_cached_bn_folded"] - p_fp32).max()),
         note="bf16 autocast vs fp32 on the same images and model (after the benchmark's short "
              "training, so many scores sit near the threshold)")
     result["onnx_parity"] = dict(compare(scores["d_onnxruntime"], p_fp32, threshold), tolerance=1e-4)
@@ -451,6 +457,7 @@ def ratios(t: dict) -> dict:
         "b_mlflow_over_bare_train": r("b_framework_train_mlflow", "bare_train_cached"),
         "c_over_bare_eval": r("c_framework_eval", "bare_eval_cached"),
         "bf16_over_fp32_eval": r("bare_eval_cached_bf16", "bare_eval_cached"),
+        "bn_folded_over_plain_eval": r("bare_eval_cached_bn_folded", "bare_eval_cached"),
         "channels_last_over_contiguous_eval": r("bare_eval_cached", "bare_eval_cached_contiguous"),
         "channels_last_over_contiguous_train": r("bare_train_cached", "bare_train_cached_contiguous"),
         "bf16_mixed_over_fp32_train": r("b_framework_train_bf16_mixed", "b_framework_train"),
