@@ -157,6 +157,18 @@ def test_compare_names_a_missing_experiment_and_sweep(fake_sweep, tmp_path):
         compare(missing_sweep)
 
 
+def test_a_sweep_that_dies_leaves_its_parent_run_killed_not_running(tmp_path):
+    """A launcher error (here: a swept key that does not exist) ends the sweep without Hydra's end
+    callback; the parent run must not stay RUNNING."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-m", "defect_detection.train", "-m", f"paths.root_dir={tmp_path}",
+                           *FAST, "no_such_key=1,2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "no_such_key" in proc.stderr
+    client, trials, parent = trials_and_parent(tmp_path)
+    assert trials == [] and parent.info.status == "KILLED" and "sweep ended" in parent.data.tags["error"]
+
+
 # -- slow: real multiruns ---------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ worker processes) without environment variables.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -156,6 +157,9 @@ class SweepTracking(Callback):
             "tracking_uri": uri, "overrides": override_list}, indent=2))
         log.info("Sweep %s: parent MLflow run %s in experiment '%s'", sweep_dir.name, run.info.run_id,
                  config.logger.experiment_name)
+        # Hydra skips on_multirun_end when the sweep itself dies (Ctrl-C, a launcher or sweeper
+        # error): without this the parent run would stay RUNNING for ever.
+        atexit.register(close_aborted_sweep, uri, run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -190,6 +194,19 @@ class SweepTracking(Callback):
         for r in failed:
             log.warning("  failed trial %s (%s): %s", r.data.tags.get("sweep_job"), r.info.run_id,
                         r.data.tags.get("error", "?"))
+
+
+def close_aborted_sweep(tracking_uri: str, parent_run_id: str) -> None:
+    """Mark a sweep's parent run KILLED if it is still RUNNING when the process exits."""
+    try:
+        client = MlflowClient(tracking_uri)
+        if client.get_run(parent_run_id).info.status != "RUNNING":
+            return
+        client.set_tag(parent_run_id, "error", "the sweep ended before its last trial was collected "
+                       "(interrupted, or the launcher/sweeper failed); see the console log")
+        client.set_terminated(parent_run_id, "KILLED")
+    except Exception as err:  # exiting anyway: say so, never raise from atexit
+        log.warning("Could not close the aborted sweep's parent run %s: %s", parent_run_id, err)
 
 
 class PrepareData(Callback):
