@@ -36,7 +36,8 @@ from defect_detection.train import train
 EXPERIMENT = "recipe-comparison"
 # (column, result key, how the worst case is taken)
 COLUMNS = [("test AUROC", "test/auroc", min), ("test recall", "test/recall", min),
-           ("test FP", "test/fp", max), ("test FN", "test/fn", max), ("val AUROC", "val/auroc", min)]
+           ("test FP", "test/fp", max), ("test FN", "test/fn", max), ("val AUROC", "val/auroc", min),
+           ("val margin", "val/margin", min)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,7 +80,9 @@ def markdown(args: argparse.Namespace, rows: list[dict], command: str, wall_s: f
              f"Split seeds {args.seeds} (each recipe's split: stratified train/val/test 60/20/20 for "
              "seed_recipe and default), threshold chosen on val by each recipe's policy "
              "(max_recall_at_fp, k=0, for both), every number below on test unless it says val. "
-             f"Mean ± sample std over seeds; worst = min for AUROC/recall, max for FP/FN. "
+             "Val margin: the lowest val defect score minus the highest val good score, in log-odds "
+             "(how much room the val-chosen threshold has; AUROC is 1.000 however thin it is). "
+             f"Mean ± sample std over seeds; worst = min for AUROC/recall/margin, max for FP/FN. "
              f"Total wall time {wall_s / 60:.1f} min ({datetime.now():%Y-%m-%d %H:%M}).", "",
              "| recipe | " + " | ".join(f"{c} mean ± std | {c} worst" for c, _, _ in COLUMNS)
              + " | train+eval s/run |",
@@ -91,17 +94,17 @@ def markdown(args: argparse.Namespace, rows: list[dict], command: str, wall_s: f
         cells = []
         for _, key, worst in COLUMNS:
             digits = 0 if key in ("test/fp", "test/fn") else 3
-            cells += fmt([r[key] for r in mine], worst, digits if digits else 1)
+            cells += fmt([r.get(key, float("nan")) for r in mine], worst, digits if digits else 1)
         secs = statistics.fmean(r["seconds"] for r in mine)
         lines.append(f"| {recipe} | " + " | ".join(cells) + f" | {secs:.0f} |")
     lines += ["", "Per seed:", "",
-              "| recipe | seed | test AUROC | recall | FP | FN | threshold | val AUROC | epochs | s "
-              "| MLflow run |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| recipe | seed | test AUROC | recall | FP | FN | threshold | val AUROC | val margin | epochs "
+              "| s | MLflow run |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['seed']} | {r['test/auroc']:.4f} | {r['test/recall']:.3f} | "
                      f"{r['test/fp']:.0f} | {r['test/fn']:.0f} | {r['threshold']:.4f} | "
-                     f"{r['val/auroc']:.4f} | "
+                     f"{r['val/auroc']:.4f} | {r.get('val/margin', float('nan')):.2f} | "
                      f"{r['epochs']} | {r['seconds']:.0f} | {r['run_id']} |")
     return "\n".join(lines) + "\n"
 

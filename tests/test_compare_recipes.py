@@ -21,7 +21,8 @@ def _script():
 
 def _row(recipe, seed, auroc, recall, fp, fn):
     return {"recipe": recipe, "seed": seed, "test/auroc": auroc, "test/recall": recall, "test/fp": fp,
-            "test/fn": fn, "val/auroc": 1.0, "threshold": 0.5, "epochs": 3, "seconds": 10.0, "run_id": "r"}
+            "test/fn": fn, "val/auroc": 1.0, "val/margin": 1.5, "threshold": 0.5, "epochs": 3,
+            "seconds": 10.0, "run_id": "r"}
 
 
 def test_table_gives_mean_std_and_worst_case_per_recipe():

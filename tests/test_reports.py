@@ -228,3 +228,16 @@ def test_evaluate_reproduces_the_training_report(trained):
     assert eval_cm == train_cm
     trained_auroc = client.get_run(result["run_id"]).data.metrics["test/auroc"]
     assert run.data.metrics["test/auroc"] == pytest.approx(trained_auroc, abs=1e-4)
+
+
+def test_separation_margin_is_the_log_odds_gap_between_the_classes():
+    import math
+
+    import torch
+
+    from defect_detection.evaluation.metrics import separation_margin
+
+    labels = torch.tensor([0, 0, 1, 1])
+    assert separation_margin(torch.tensor([-3.0, -1.0, 0.5, 4.0]), labels) == pytest.approx(1.5)
+    assert separation_margin(torch.tensor([-3.0, 2.0, 0.5, 4.0]), labels) == pytest.approx(-1.5)  # overlap
+    assert math.isnan(separation_margin(torch.tensor([1.0, 2.0]), torch.tensor([0, 0])))

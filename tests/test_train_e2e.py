@@ -29,6 +29,7 @@ def test_run_is_finished_with_params_metrics_and_artifacts(trained):
     assert run.data.tags["dataset"] == "synthetic" and run.data.tags["backbone"] == "efficientnet_lite0"
     assert run.data.tags["git_commit"]
     assert len(client.get_metric_history(run.info.run_id, "val/auroc")) >= 2  # per epoch
+    assert "val/margin" in run.data.metrics  # the threshold's room on val (log-odds gap)
     for name in ("test/auroc", "test/recall", "test/fp", "test/threshold", "train/loss_epoch"):
         assert name in run.data.metrics, name
     assert run.data.metrics["test/threshold"] == pytest.approx(result["threshold"])

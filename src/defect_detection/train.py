@@ -19,6 +19,7 @@ from defect_detection.data.transforms import build_eval_transform, build_train_t
 from defect_detection.data.validate import bad_images_frame, screened_records
 from defect_detection.distributed import check_launch
 from defect_detection.evaluation.calibration import calibrate_module
+from defect_detection.evaluation.metrics import separation_margin
 from defect_detection.evaluation.reports import log_test_report
 from defect_detection.evaluation.thresholds import choose_threshold
 from defect_detection.explain.report import log_gradcam
@@ -119,6 +120,9 @@ def train(cfg: DictConfig) -> dict:
                                        verbose=False, weights_only=True)[0]
         calibrate_module(cfg.get("calibration"), module, tracker)  # sets T, recomputes val p_defect
         val = module.outputs["val"]
+        log_odds = (val["logits"][:, 1] - val["logits"][:, 0]) / float(module.temperature)
+        val_metrics["val/margin"] = separation_margin(log_odds, val["label"])
+        tracker.log_metrics({"val/margin": val_metrics["val/margin"]})
         choice = choose_threshold(chosen_on="val", scores=val["p_defect"].numpy(),
                                   labels=val["label"].numpy(),
                                   **OmegaConf.to_container(cfg.threshold, resolve=True))
