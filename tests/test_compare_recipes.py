@@ -67,6 +67,7 @@ def test_default_recipe_and_seed_overlays_pin_what_they_claim(cfg_factory):
     assert default.optimizer._target_ == "torch.optim.AdamW" and default.optimizer.lr == 3e-4
     assert default.scheduler._target_.endswith("CosineAnnealingLR") and default.trainer.max_epochs == 12
     assert default.callbacks.early_stopping.monitor == "val/loss" == default.monitor.metric
+    assert default.augmentation.name == "minimal" and default.loss.name == "weighted_ce"
     for name in ("seed_recipe", "seed_protocol"):
         cfg = cfg_factory(f"experiment={name}", fast=False)
         assert cfg.optimizer._target_ == "torch.optim.Adam"
