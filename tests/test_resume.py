@@ -36,8 +36,10 @@ class SigintAt(Callback):
 
 @pytest.fixture
 def restore_sigint():
-    """Lightning ignores SIGINT after handling one (to finish its shutdown); undo that for pytest."""
+    """Lightning ignores SIGINT after handling one (to finish its shutdown); undo that for pytest.
+    Also start from Python's Ctrl-C handler: a shell starts background jobs with SIGINT ignored."""
     handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, handler)
 
