@@ -342,8 +342,7 @@ def run(args, work: Path) -> dict:
     loader = [(x,) for x in batches]
     net = trained.net
     contiguous = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
-    folded = fold_batchnorm(net).to(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    folded = fold_batchnorm(net)  # same memory format as net
     seed_eval_loader = DataLoader(SeedDataset(split.test, eval_tf), batch_size=args.batch_size, num_workers=0)
     bundle = save_bundle(work / "bundle.pt", net, backbone=cfg.backbone.name, image_size=args.image_size,
                          mean=cfg.backbone.mean, std=cfg.backbone.std, threshold=float(trained.threshold))

@@ -136,6 +136,13 @@ def test_batchnorm_folding_skips_a_batchnorm_that_is_not_the_convs_own():
     assert [type(m) for m in folded] == [nn.Conv2d, nn.BatchNorm2d, nn.Conv2d, nn.BatchNorm1d]
 
 
+def test_batchnorm_folding_keeps_the_memory_format():
+    from defect_detection.models.batchnorm_folding import fold_batchnorm
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval().to(memory_format=torch.channels_last)
+    assert fold_batchnorm(net)[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_classifier_scores_identically_with_batchnorm_folded_and_keeps_its_state_dict():
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset

@@ -23,7 +23,8 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     Pairs are a convolution directly followed by a BatchNorm among one module's children (how
     torchvision ResNets and timm EfficientNets register them, in call order; the unit tests check
     the folded copy against the original for every registered backbone). timm's BatchNormAct2d
-    keeps its activation. Anything else is left untouched.
+    keeps its activation. Anything else is left untouched. Folded weights keep the memory format
+    (channels_last or not) of the convolution they replace.
     """
     folded = copy.deepcopy(net).eval()
     for parent in list(folded.modules()):

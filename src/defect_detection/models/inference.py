@@ -179,10 +179,7 @@ class Predictor(BasePredictor):
             return self.net
         folded = self.__dict__.get("_folded")
         if folded is None or next(folded.parameters()).device != next(self.net.parameters()).device:
-            folded = fold_batchnorm(self.net)
-            if self.channels_last:
-                folded = folded.to(memory_format=torch.channels_last)
-            self.__dict__["_folded"] = folded
+            folded = self.__dict__["_folded"] = fold_batchnorm(self.net)  # keeps net's memory format
         return folded
 
 

@@ -62,11 +62,8 @@ class DefectClassifier(pl.LightningModule):
         """Fold BatchNorm into a scoring copy of the current weights (rebuilt every epoch, kept
         out of the module's children so checkpoints, DDP and Grad-CAM only see the real net)."""
         self._stop_scoring()
-        if self.fold_batchnorm:
-            folded = fold_batchnorm(self.net)
-            if self.channels_last:
-                folded = folded.to(memory_format=torch.channels_last)
-            self.__dict__["_scoring_net"] = folded
+        if self.fold_batchnorm:  # the copy keeps the net's memory format (channels_last)
+            self.__dict__["_scoring_net"] = fold_batchnorm(self.net)
 
     def _stop_scoring(self) -> None:
         self.__dict__.pop("_scoring_net", None)
