@@ -63,6 +63,18 @@ def artifact_uri(path: str | Path | None) -> str | None:
     return Path(path).expanduser().resolve().as_uri()
 
 
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The id of experiment `name`, created (with this artifact location) when missing; safe when
+    parallel processes create it at the same time."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage != "deleted":
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # created meanwhile by a parallel process
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def flatten(cfg: Mapping | DictConfig, prefix: str = "") -> dict[str, str]:
     """Dotted-key params from a nested config (lists rendered as their YAML flow form)."""
     if isinstance(cfg, DictConfig):

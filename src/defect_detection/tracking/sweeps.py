@@ -25,7 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 
 import defect_detection.config  # noqa: F401  (registers the ${project_root:} resolver)
 from defect_detection.tracking.comparison import ROLE_TAG, log_comparison, rank_runs
-from defect_detection.tracking.mlflow_run import RunTracker, artifact_uri, ensure_local_store, flatten
+from defect_detection.tracking.mlflow_run import (
+    RunTracker,
+    artifact_uri,
+    ensure_local_store,
+    flatten,
+    get_or_create_experiment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +93,8 @@ def record_failed_trial(cfg: DictConfig, error: BaseException) -> str | None:
     tags = sweep_tags()
     try:
         client = MlflowClient(cfg.logger.tracking_uri)
-        experiment_id = _experiment_id(client, cfg.logger.experiment_name,
-                                       artifact_uri(cfg.logger.get("artifact_location")))
+        experiment_id = get_or_create_experiment(client, cfg.logger.experiment_name,
+                                                 artifact_uri(cfg.logger.get("artifact_location")))
         query = f"tags.sweep_id = '{tags.get('sweep_id')}' AND tags.sweep_job = '{tags.get('sweep_job')}'"
         found = client.search_runs([experiment_id], query, max_results=1) if tags else []
         if found:  # training opened the run and RunTracker.fail already marked it FAILED
@@ -105,16 +111,6 @@ def record_failed_trial(cfg: DictConfig, error: BaseException) -> str | None:
     except Exception as err:  # never let bookkeeping hide the trial's own error
         log.warning("Could not record the failed trial in MLflow: %s", err)
         return None
-
-
-def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None and experiment.lifecycle_stage != "deleted":
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # created meanwhile by a parallel trial
-        return client.get_experiment_by_name(name).experiment_id
 
 
 def sweep_runs(client: MlflowClient, experiment_id: str, sweep_id: str) -> list:
@@ -140,8 +136,8 @@ class SweepTracking(Callback):
         # sqlite's schema migration and on create_experiment.
         ensure_local_store(uri)
         client = MlflowClient(uri)
-        experiment_id = _experiment_id(client, config.logger.experiment_name,
-                                       artifact_uri(config.logger.get("artifact_location")))
+        experiment_id = get_or_create_experiment(client, config.logger.experiment_name,
+                                                 artifact_uri(config.logger.get("artifact_location")))
         override_list = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
         overrides = " ".join(override_list)
         tags = {ROLE_TAG: "sweep", "sweep_id": sweep_dir.name, "sweep_dir": str(sweep_dir),
