@@ -109,7 +109,7 @@ def test_disk_cache_is_reused_then_invalidated(images, tmp_path, monkeypatch):
         raise AssertionError("a matching cache must not decode again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(cache_mod, "load_resized", no_decoding)
+        patch.setattr(cache_mod, "load_rgb", no_decoding)
         again = cached_images(images, SIZE, "disk", cache_dir)
         assert again.path == first.path and torch.equal(_stack(again), _stack(first))
 
@@ -194,7 +194,7 @@ def test_loader_workers_read_the_disk_cache(cfg_factory):
     dm.setup("fit")
     loader = dm.val_dataloader()
     assert loader.num_workers == 1 and loader.persistent_workers
-    seen = torch.cat([idx for _, _, idx in loader])
+    seen = torch.cat([batch.index for batch in loader])
     assert sorted(seen.tolist()) == list(range(len(dm.datasets["val"])))
 
 

@@ -49,7 +49,7 @@ def predict_cfg(root: Path, *overrides: str):
 
 def test_predict_folder_with_a_bundle_writes_the_csv(champion, synthetic_root, tmp_path):
     root, bundle = champion
-    table = predict(predict_cfg(tmp_path, f"model={bundle}", f"input={synthetic_root}/disc/test"))
+    table = predict(predict_cfg(tmp_path, f"model={bundle}", f"images={synthetic_root}/disc/test"))
     csv = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert list(csv.columns) == ["path", "p_defect", "decision", "threshold"]
     assert len(csv) == len(list((synthetic_root / "disc" / "test").rglob("*.png"))) == len(table)
@@ -60,8 +60,8 @@ def test_predict_folder_with_a_bundle_writes_the_csv(champion, synthetic_root, t
 def test_predict_glob_with_the_champion_uri_matches_the_bundle(champion, synthetic_root, tmp_path):
     root, bundle = champion
     pattern = f"{synthetic_root}/plate/test/*/00[01].png"
-    from_uri = predict(predict_cfg(root, f"model=models:/{NAME}@champion", f"input='{pattern}'"))
-    from_bundle = predict(predict_cfg(tmp_path, f"model={bundle}", f"input='{pattern}'"))
+    from_uri = predict(predict_cfg(root, f"model=models:/{NAME}@champion", f"images='{pattern}'"))
+    from_bundle = predict(predict_cfg(tmp_path, f"model={bundle}", f"images='{pattern}'"))
     assert len(from_uri) == 8  # good, crack, scratch, spot x 2
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the fluent URI did not leak into later runs
     assert np.allclose(from_uri["p_defect"], from_bundle["p_defect"], atol=1e-6)
@@ -75,26 +75,26 @@ def test_unreadable_images_are_skipped_or_fail_by_choice(champion, synthetic_roo
     for p in sorted((synthetic_root / "mesh" / "test" / "good").glob("*.png"))[:2]:
         shutil.copy(p, folder / p.name)
     (folder / "broken.png").write_bytes(b"not a png")
-    table = predict(predict_cfg(tmp_path, f"model={bundle}", f"input={folder}"))
+    table = predict(predict_cfg(tmp_path, f"model={bundle}", f"images={folder}"))
     broken = table[table["path"].str.endswith("broken.png")].iloc[0]
     assert broken["decision"] == "error" and "broken.png" in broken["error"]
     assert (table["decision"] != "error").sum() == 2
     with pytest.raises(UserError, match="broken.png"):
-        predict(predict_cfg(tmp_path, f"model={bundle}", f"input={folder}", "on_error=fail"))
+        predict(predict_cfg(tmp_path, f"model={bundle}", f"images={folder}", "on_error=fail"))
 
 
 def test_predict_names_a_missing_input_and_model(champion, synthetic_root, tmp_path):
     root, bundle = champion
     with pytest.raises(UserError, match="nowhere"):
-        predict(predict_cfg(tmp_path, f"model={bundle}", f"input={tmp_path}/nowhere"))
+        predict(predict_cfg(tmp_path, f"model={bundle}", f"images={tmp_path}/nowhere"))
     with pytest.raises(UserError, match="models:/no-such-model@champion"):
-        predict(predict_cfg(root, "model=models:/no-such-model@champion", f"input={synthetic_root}/disc"))
+        predict(predict_cfg(root, "model=models:/no-such-model@champion", f"images={synthetic_root}/disc"))
 
 
 def test_predict_writes_gradcam_overlays_when_asked(champion, synthetic_root, tmp_path):
     pytest.importorskip("defect_detection.explain.writer")
     root, bundle = champion
-    predict(predict_cfg(tmp_path, f"model={bundle}", f"input={synthetic_root}/disc/test/crack",
+    predict(predict_cfg(tmp_path, f"model={bundle}", f"images={synthetic_root}/disc/test/crack",
                         "gradcam.enabled=true"))
     overlays = sorted((tmp_path / "out" / "gradcam").rglob("*_gradcam.png"))
     assert len(overlays) == len(list((synthetic_root / "disc" / "test" / "crack").glob("*.png")))
@@ -151,11 +151,11 @@ def test_predict_command_line(champion, synthetic_root, tmp_path):
     root, _ = champion
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run([sys.executable, "-m", "defect_detection.predict", f"paths.root_dir={root}",
-                           f"input={synthetic_root}/disc/test/good", f"output={tmp_path}/p.csv"],
+                           f"images={synthetic_root}/disc/test/good", f"output={tmp_path}/p.csv"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     n_images = len(list((synthetic_root / "disc/test/good").glob("*.png")))
     assert len(pd.read_csv(tmp_path / "p.csv")) == n_images
     proc = subprocess.run([sys.executable, "-m", "defect_detection.predict", f"paths.root_dir={root}",
-                           f"input={tmp_path}/nowhere"], env=env, capture_output=True, text=True, timeout=300)
+                           f"images={tmp_path}/nowhere"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: Input")

@@ -27,7 +27,7 @@ from torch import nn
 
 from defect_detection import UserError
 from defect_detection.data.records import IMAGE_SUFFIXES
-from defect_detection.models.inference import Predictor, load_predictor
+from defect_detection.models.inference import Predictor, bundle_geometry, load_predictor
 from defect_detection.models.onnx_predictor import (
     INPUT_NAME,
     LOGITS_NAME,
@@ -76,7 +76,7 @@ def _scoring_net(predictor: Predictor) -> ScoringNet:
 
 def _example(meta: dict, batch: int = 2) -> torch.Tensor:
     # batch 2, not 1: torch.export specialises sizes 0 and 1, which would pin the batch axis
-    return torch.zeros(batch, 3, meta["image_size"], meta["image_size"])
+    return torch.zeros(batch, 3, *bundle_geometry(meta).tile_hw)
 
 
 def export_onnx(predictor: Predictor, out: str | Path, opset: int | None = None) -> Path:
@@ -90,9 +90,13 @@ def export_onnx(predictor: Predictor, out: str | Path, opset: int | None = None)
             input_names=[INPUT_NAME], output_names=[LOGITS_NAME, P_DEFECT_NAME],
             dynamic_shapes={"image": {0: batch}}, opset_version=opset, optimize=True)
     program.model.metadata_props[META_KEY] = json.dumps(predictor.meta)
+    geometry = bundle_geometry(predictor.meta)
+    h, w = geometry.tile_hw
     program.model.metadata_props["input"] = (
-        f"{INPUT_NAME}: float32 N x 3 x {predictor.meta['image_size']} x {predictor.meta['image_size']} RGB, "
-        "pixels/255 then (x - mean) / std (mean, std in defect_meta)")
+        f"{INPUT_NAME}: float32 N x 3 x {h} x {w} RGB, pixels/255 then (x - mean) / std (mean, std in "
+        f"defect_meta); images prepared by the input geometry ({geometry.describe()})"
+        + ("; N = tiles, image score pooled from tile logits (defect_meta.aggregate)"
+           if geometry.name == "tiles" else ""))
     program.save(out, external_data=False)
     return out
 
@@ -145,10 +149,12 @@ def check_images(paths: Sequence[str | Path], limit: int = 64) -> list[str]:
     return found
 
 
-def noise_images(size: int, n: int = 4, seed: int = 0) -> list[np.ndarray]:
-    """Deterministic random images: a parity check when no real images are given."""
+def noise_images(size, n: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """Deterministic random images (size: an int or (h, w)): a parity check when no real
+    images are given."""
+    h, w = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
 
 
 def _default_out(source: str) -> Path:
@@ -165,7 +171,7 @@ def export(source: str, out: str | Path | None = None, images: Sequence[str | Pa
         raise UserError(f"{source} is not a PyTorch model: export a bundle, checkpoint or MLflow model.")
     out = Path(out) if out else _default_out(str(source))
     files = check_images(images)
-    items = files or noise_images(reference.meta["image_size"])
+    items = files or noise_images(reference.geometry.tile_hw)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         export_onnx(reference, tmp, opset)

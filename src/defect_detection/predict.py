@@ -56,11 +56,11 @@ def _one(predictor: Predictor, item: str) -> pd.DataFrame:
 
 
 def predict(cfg: DictConfig) -> pd.DataFrame:
-    """Score cfg.input with cfg.model, write cfg.output (and Grad-CAM overlays when enabled)."""
+    """Score cfg.images with cfg.model, write cfg.output (and Grad-CAM overlays when enabled)."""
     from defect_detection.explain.writer import expand_inputs
 
     model = str(cfg.model)
-    inputs = OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else cfg.input
+    inputs = OmegaConf.to_container(cfg.images) if OmegaConf.is_list(cfg.images) else cfg.images
     paths = expand_inputs(inputs)
     with fluent_tracking_uri(cfg.tracking_uri):  # for runs:/ and models:/ URIs; restored after
         predictor = _load(model, cfg.device)

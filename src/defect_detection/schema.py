@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from defect_detection import UserError
+from defect_detection.data.geometry import size_hw
 
 
 class _Loose(BaseModel):
@@ -51,7 +52,7 @@ class ThresholdSchema(_Loose):
 
 
 class DataSchema(_Loose):
-    image_size: int = Field(ge=8, le=4096)
+    image_size: int | list[int]
     batch_size: int = Field(ge=1)
     num_workers: int = Field(default=0, ge=0)
     categories: list[str] = Field(min_length=1)
@@ -86,6 +87,20 @@ class FreezingSchema(_Loose):
     bn_eval: bool = True
 
 
+class AggregateSchema(_Loose):
+    how: Literal["max", "topk_mean", "smooth_max"] = "max"
+    k: int = Field(default=3, ge=1)
+    tau: float = Field(default=1.0, gt=0)
+
+
+class InputSchema(_Loose):
+    name: Literal["square", "letterbox", "tiles"] = "square"
+    aggregate: AggregateSchema = AggregateSchema()
+    images_per_batch: int | None = Field(default=None, ge=1)
+    tile_loss_weight: float = Field(default=0.0, ge=0)
+    tile_min_pixels: int = Field(default=1, ge=1)
+
+
 class TrainerSchema(_Loose):
     max_epochs: int = Field(ge=1)
 
@@ -100,12 +115,20 @@ class TrainSchema(_Loose):
     threshold: ThresholdSchema
     optimizer: OptimizerSchema
     trainer: TrainerSchema
+    input: InputSchema = InputSchema()
 
     @model_validator(mode="after")
     def _image_fits_backbone(self):
-        if self.data.image_size < self.backbone.min_image_size:
-            raise ValueError(f"data.image_size={self.data.image_size} is smaller than "
-                             f"{self.backbone.name} allows (>= {self.backbone.min_image_size})")
+        size = self.input.model_extra.get("tile_size") if self.input.name == "tiles" else None
+        key = "input.tile_size" if size is not None else "data.image_size"
+        size = self.data.image_size if size is None else size
+        try:
+            side = min(size_hw(size, key))
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        if side < self.backbone.min_image_size:
+            raise ValueError(f"{key}={size} is smaller than {self.backbone.name} allows "
+                             f"(each side >= {self.backbone.min_image_size})")
         return self
 
 

@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from defect_detection.config import CONFIG_DIR, exit_on_user_error
 from defect_detection.data.datamodule import DefectDataModule
+from defect_detection.data.geometry import build_geometry
+from defect_detection.data.input_plan import plan_input
 from defect_detection.data.summary import log_data_summary
 from defect_detection.data.transforms import build_eval_transform, build_train_transform
 from defect_detection.data.validate import bad_images_frame, screened_records
@@ -45,19 +47,37 @@ from defect_detection.tracking.sweeps import in_multirun, record_failed_trial, s
 log = logging.getLogger(__name__)
 
 
+def build_input(cfg: DictConfig):
+    """The input geometry of the run (conf/input/), data.image_size its working size."""
+    size = cfg.data.image_size
+    size = OmegaConf.to_container(size, resolve=True) if OmegaConf.is_config(size) else size
+    inp = cfg.get("input")
+    return build_geometry(OmegaConf.to_container(inp, resolve=True) if inp else None, size)
+
+
 def build_datamodule(cfg: DictConfig) -> DefectDataModule:
     # every file checked before the split: error lists all bad files, skip drops them (data/validate.py)
     records, bad = screened_records(cfg)
     split = instantiate(cfg.split.make)(records)
-    size, bb = cfg.data.image_size, cfg.backbone
+    geometry, bb = build_input(cfg), cfg.backbone
+    plan = plan_input(geometry, split, cfg.data.get("cache", "memory"), int(cfg.data.batch_size),
+                      cfg.get("input", {}).get("images_per_batch"), load_masks=needs_masks(cfg))
     datamodule = DefectDataModule(
-        split, size, build_train_transform(cfg.augmentation, size, bb.mean, bb.std),
-        build_eval_transform(size, bb.mean, bb.std), cfg.data.batch_size, cfg.data.num_workers,
+        split, cfg.data.image_size, build_train_transform(cfg.augmentation, geometry, bb.mean, bb.std),
+        build_eval_transform(geometry, bb.mean, bb.std), plan.batch_size, cfg.data.num_workers,
         pin_memory=cfg.data.get("pin_memory", False),
         persistent_workers=cfg.data.get("persistent_workers", True),
-        cache=cfg.data.get("cache", "memory"), cache_dir=cfg.data.get("cache_dir"))
+        cache=plan.cache, cache_dir=cfg.data.get("cache_dir"), geometry=geometry,
+        load_masks=plan.load_masks, sizes=plan.sizes)
     datamodule.bad_images = bad
+    datamodule.input_plan = plan
     return datamodule
+
+
+def needs_masks(cfg: DictConfig) -> bool:
+    """Whether training reads the ground-truth masks (tile labels from masks)."""
+    inp = cfg.get("input") or {}
+    return inp.get("name") == "tiles" and float(inp.get("tile_loss_weight", 0) or 0) > 0
 
 
 def build_module(cfg: DictConfig, class_counts: tuple[int, int]) -> DefectClassifier:
@@ -69,11 +89,18 @@ def build_module(cfg: DictConfig, class_counts: tuple[int, int]) -> DefectClassi
     frozen_bn = apply_freezing(net, prefixes)
     loss = build_loss(cfg.loss.name, class_counts, cfg.loss.get("weights"), cfg.loss.get("gamma", 2.0))
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    meta = {"backbone": bb.name, "image_size": int(cfg.data.image_size)}
+    geometry = build_input(cfg)
+    inp = cfg.get("input") or {}
+    aggregate = OmegaConf.to_container(inp.aggregate, resolve=True) if inp.get("aggregate") else None
+    meta = {"family": DefectClassifier.family, "backbone": bb.name, "image_size": cfg.data.image_size,
+            "input": geometry.meta(), **({"aggregate": aggregate} if aggregate else {})}
+    meta = OmegaConf.to_container(OmegaConf.create(meta), resolve=True)
     return DefectClassifier(net, loss, instantiate(cfg.optimizer), scheduler,
                             frozen_bn if cfg.freezing.bn_eval else (), bb.mean, bb.std,
                             channels_last=bool(bb.get("channels_last", False)), meta=meta,
-                            fold_batchnorm=bool(bb.get("fold_batchnorm", False)))
+                            fold_batchnorm=bool(bb.get("fold_batchnorm", False)), aggregate=aggregate,
+                            tile_loss_weight=float(inp.get("tile_loss_weight", 0) or 0),
+                            tile_min_pixels=int(inp.get("tile_min_pixels", 1) or 1))
 
 
 def build_logger(cfg: DictConfig, run_id: str | None = None):
@@ -110,6 +137,8 @@ def train(cfg: DictConfig) -> dict:
             continue_run(tracker, cfg, resume)
         else:
             _log_setup(tracker, cfg, split)
+            if tracker.enabled:
+                tracker.log_params(datamodule.input_plan.log_params())
         tag_checkpoint_dir(tracker, trainer)
         if datamodule.bad_images:
             tracker.log_table_csv(bad_images_frame(datamodule.bad_images), "data/bad_images.csv")
@@ -178,9 +207,11 @@ def _log_results(tracker: RunTracker, cfg: DictConfig, module: DefectClassifier,
     if cfg.get("log_model", True):
         with tempfile.TemporaryDirectory() as tmp:
             bundle = save_bundle(Path(tmp) / "bundle.pt", module.net, backbone=cfg.backbone.name,
-                                 image_size=cfg.data.image_size, mean=cfg.backbone.mean,
+                                 image_size=module.meta["image_size"], mean=cfg.backbone.mean,
                                  std=cfg.backbone.std, threshold=choice.value,
-                                 threshold_policy=choice.policy, temperature=float(module.temperature))
+                                 threshold_policy=choice.policy, temperature=float(module.temperature),
+                                 extra={k: module.meta[k] for k in ("family", "input", "aggregate")
+                                        if k in module.meta})
             with fluent_tracking_uri(tracker.tracking_uri), mlflow.start_run(run_id=tracker.run_id):
                 log_pyfunc(bundle)
     log_gradcam(tracker, cfg, module, datamodule, stage="test")

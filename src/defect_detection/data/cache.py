@@ -1,9 +1,13 @@
-"""Decode every image once, at the working resolution, into uint8 N x 3 x S x S pixels.
+"""Decode every image once, as the input geometry prepares it, into uint8 3 x H x W pixels.
 
 Decoding and resizing a full-size PNG costs far more than a training step on it, so it happens
 once per run (`memory`), once per dataset version (`disk`: an .npy memmap reused while the key
 matches) or, for data that cannot be held at all, on every access (`none`). Augmentation then
-runs on the cached uint8 tensors. All three modes produce identical pixels (`load_resized`).
+runs on the cached uint8 tensors. All three modes produce identical pixels (Geometry.prepare).
+
+Square and letterbox images all have the working size (one N x 3 x H x W array); tiles keep each
+image at its own (scaled) native size, so that store is ragged: one flat array plus the (h, w) of
+every image. Tiles are cut from the cached image per batch (data/geometry.py), never stored.
 """
 
 from __future__ import annotations
@@ -21,14 +25,20 @@ import torch
 from rich.progress import Progress
 
 from defect_detection import UserError
-from defect_detection.data.images import load_resized
+from defect_detection.data.geometry import Geometry, Square, header_hw, size_hw
+from defect_detection.data.images import load_rgb
 from defect_detection.data.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("memory", "disk", "none")
-# Bump when load_resized or the file layout changes: old cache files then stop matching.
-FORMAT_VERSION = 1
+# Bump when Geometry.prepare or the file layout changes: old cache files then stop matching.
+FORMAT_VERSION = 2
+
+
+def as_geometry(geometry: Geometry | int | Sequence[int]) -> Geometry:
+    """An int or [h, w] working size means the square geometry (the original behaviour)."""
+    return geometry if isinstance(geometry, Geometry) else Square(size=size_hw(geometry))
 
 
 def _stat_line(path: str) -> str:
@@ -40,14 +50,14 @@ def _stat_line(path: str) -> str:
     return f"{path}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def cache_key(paths: Sequence[str], size: int) -> tuple[str, str]:
-    """(identity, content) digests of a set of images at one resolution.
+def cache_key(paths: Sequence[str], geometry: Geometry | int | Sequence[int]) -> tuple[str, str]:
+    """(identity, content) digests of a set of images under one geometry.
 
-    identity: the paths and resolution, i.e. which cache entry this is. content: also every
+    identity: the paths and geometry, i.e. which cache entry this is. content: also every
     file's size and mtime_ns, so an edited, replaced or touched file gives a new key. Only
     os.stat is read, never the pixels, so checking the key costs milliseconds.
     """
-    head = f"v{FORMAT_VERSION}|{int(size)}|{len(paths)}\n"
+    head = f"v{FORMAT_VERSION}|{as_geometry(geometry).key()}|{len(paths)}\n"
     identity, content = hashlib.sha256(head.encode()), hashlib.sha256(head.encode())
     for path in paths:
         identity.update(f"{path}\n".encode())
@@ -55,18 +65,38 @@ def cache_key(paths: Sequence[str], size: int) -> tuple[str, str]:
     return identity.hexdigest()[:16], content.hexdigest()[:16]
 
 
-def _chw(path: str, size: int) -> np.ndarray:
-    return load_resized(path, size).transpose(2, 0, 1)
+def prepared_chw(path: str, geometry: Geometry) -> np.ndarray:
+    """3 x H x W uint8 pixels of one image file as `geometry` prepares them."""
+    return geometry.prepare(load_rgb(path)).transpose(2, 0, 1)
 
 
-def _decoded(paths: Sequence[str], size: int, description: str) -> Iterator[np.ndarray]:
-    """3 x S x S uint8 arrays in order, with a progress bar; PIL releases the GIL while it
+def prepared_mask(path: str | None, geometry: Geometry, hw: tuple[int, int]) -> np.ndarray:
+    """1 x H x W uint8 (0/1) mask as `geometry` prepares it; all zeros without a mask file."""
+    from PIL import Image
+
+    if not path:
+        return np.zeros((1, *geometry.prepared_hw(hw)), dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            mask = im.convert("L")
+    except OSError as err:
+        raise UserError(f"Cannot read mask {path}: {err}. Remove or replace the file, or set "
+                        "data.on_bad_image=skip to train without it.") from err
+    if (mask.height, mask.width) != tuple(hw):
+        raise UserError(f"Mask {path} is {mask.width} x {mask.height} px but its image is {hw[1]} x {hw[0]}: "
+                        "a mask must have its image's size. Re-export the mask at the image's size or "
+                        "remove it.")
+    return geometry.prepare_mask(mask)[None].astype(np.uint8)
+
+
+def _decoded(items: Sequence, fn, total_label: str, description: str) -> Iterator[np.ndarray]:
+    """fn(item) for every item in order, with a progress bar; PIL releases the GIL while it
     decodes and resizes, so a few threads use every core."""
     threads = max(1, min(8, os.cpu_count() or 1))
     with Progress(transient=True) as progress, ThreadPoolExecutor(threads) as pool:
-        task = progress.add_task(f"{description} {len(paths)} images at {size} px", total=len(paths))
+        task = progress.add_task(f"{description} {len(items)} {total_label}", total=len(items))
         try:
-            for array in pool.map(_chw, paths, [size] * len(paths)):
+            for array in pool.map(fn, items):
                 progress.advance(task)
                 yield array
         except BaseException:  # a bad file: stop at once instead of decoding the rest first
@@ -74,41 +104,134 @@ def _decoded(paths: Sequence[str], size: int, description: str) -> Iterator[np.n
             raise
 
 
-def _fill(out: np.ndarray, paths: Sequence[str], size: int, description: str) -> None:
-    for i, array in enumerate(_decoded(paths, size, description)):
-        out[i] = array
+class _Source:
+    """What one store holds: the prepared images of `paths`, or the masks of `records`."""
+
+    def __init__(self, records: Sequence[ImageRecord], geometry: Geometry, kind: str = "image",
+                 sizes: Sequence[tuple[int, int]] | None = None) -> None:
+        self.records, self.geometry, self.kind = list(records), geometry, kind
+        self.paths = [r.path for r in self.records]
+        uniform = geometry.name != "tiles"
+        if sizes is None:  # square/letterbox images need no size; masks are checked against it
+            sizes = ([geometry.size] * len(self.paths) if uniform and kind == "image"
+                     else [header_hw(p) for p in self.paths])
+        self.sizes = [tuple(s) for s in sizes]
+        channels = 3 if kind == "image" else 1
+        self.shapes = [(channels, *geometry.prepared_hw(hw)) for hw in self.sizes]
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.shapes)) <= 1
+
+    def prepare(self, i: int) -> np.ndarray:
+        if self.kind == "image":
+            return prepared_chw(self.paths[i], self.geometry)
+        return prepared_mask(self.records[i].mask_path, self.geometry, self.sizes[i])
+
+    def decoded(self, description: str) -> Iterator[np.ndarray]:
+        label = "images" if self.kind == "image" else "masks"
+        return _decoded(range(len(self.paths)), self.prepare,
+                        f"{label} ({self.geometry.describe()})", description)
+
+    def nbytes(self) -> int:
+        return sum(int(np.prod(s)) for s in self.shapes)
+
+    def key(self) -> tuple[str, str]:
+        identity, content = cache_key(self.paths, self.geometry)
+        if self.kind == "image":
+            return identity, content
+        masks = hashlib.sha256("\n".join(_stat_line(r.mask_path) if r.mask_path else "-"
+                                          for r in self.records).encode()).hexdigest()[:8]
+        return f"{identity}m", f"{content}{masks}"
 
 
-def decode_images(records: Sequence[ImageRecord], size: int, description: str = "decoding") -> torch.Tensor:
-    """N x 3 x size x size uint8 tensor in memory; augmentation then runs on tensors, never on files."""
-    out = np.empty((len(records), 3, size, size), dtype=np.uint8)
-    _fill(out, [r.path for r in records], size, description)
-    return torch.from_numpy(out)
+def _fill(out, source: _Source, description: str) -> None:
+    """Decode every item of `source` into a dense array (N x C x H x W) or a ragged one (flat)."""
+    if source.uniform:
+        for i, array in enumerate(source.decoded(description)):
+            out[i] = array
+        return
+    offsets = _offsets(source.shapes)
+    for i, array in enumerate(source.decoded(description)):
+        out[offsets[i]:offsets[i + 1]] = array.reshape(-1)
+
+
+def _offsets(shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum([int(np.prod(s)) for s in shapes])]).astype(np.int64)
+
+
+class RaggedImages:
+    """Images of different sizes in one flat uint8 buffer: images[i] -> C x h_i x w_i view.
+
+    The tile geometry keeps each image at its own native (scaled) size; one buffer instead of
+    one tensor per image keeps the store a single allocation (and, on disk, a single memmap).
+    """
+
+    def __init__(self, flat, shapes: Sequence[tuple[int, ...]]) -> None:
+        self.flat, self.shapes = flat, [tuple(int(v) for v in s) for s in shapes]
+        self.offsets = _offsets(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        start, stop = self.offsets[index], self.offsets[index + 1]
+        part = self.flat[start:stop]
+        if isinstance(part, np.ndarray):
+            part = torch.from_numpy(np.array(part))  # a private, writable copy of one image
+        return part.view(self.shapes[index])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets[-1])
+
+
+def decode_images(records: Sequence[ImageRecord], geometry: Geometry | int | Sequence[int],
+                  description: str = "decoding", kind: str = "image",
+                  sizes: Sequence[tuple[int, int]] | None = None):
+    """The prepared images (or masks) in memory: one N x C x H x W uint8 tensor when every image
+    has the same prepared size, else a RaggedImages; augmentation then runs on tensors."""
+    source = _Source(records, as_geometry(geometry), kind, sizes)
+    if source.uniform:
+        shape = source.shapes[0] if source.shapes else (3 if kind == "image" else 1, *source.geometry.size)
+        out = np.empty((len(records), *shape), dtype=np.uint8)
+        _fill(out, source, description)
+        return torch.from_numpy(out)
+    flat = np.empty(source.nbytes(), dtype=np.uint8)
+    _fill(flat, source, description)
+    return RaggedImages(torch.from_numpy(flat), source.shapes)
 
 
 class DecodeOnAccess:
     """`none` mode: images[i] decodes file i on every access (for data that fits nowhere)."""
 
-    def __init__(self, paths: Sequence[str], size: int) -> None:
-        self.paths, self.size = list(paths), int(size)
+    def __init__(self, paths_or_source, geometry: Geometry | int | Sequence[int] | None = None) -> None:
+        if isinstance(paths_or_source, _Source):
+            self.source = paths_or_source
+        else:
+            records = [ImageRecord(str(p), 0, "", "") for p in paths_or_source]
+            self.source = _Source(records, as_geometry(geometry))
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.source.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(_chw(self.paths[index], self.size)))
+        return torch.from_numpy(np.ascontiguousarray(self.source.prepare(index)))
 
 
 class MemmapImages:
-    """`disk` mode: images[i] reads row i of an N x 3 x S x S .npy memmap.
+    """`disk` mode: images[i] reads image i of an .npy memmap (N x C x H x W, or flat + shapes).
 
     The memmap is opened lazily in each process and dropped when pickled, so DataLoader
     workers (fork or spawn) open the file themselves instead of receiving a copy of it.
     """
 
-    def __init__(self, path: str | Path, shape: tuple[int, ...]) -> None:
+    def __init__(self, path: str | Path, shape: tuple[int, ...],
+                 shapes: Sequence[tuple[int, ...]] | None = None) -> None:
         self.path, self.shape = Path(path), tuple(shape)
+        self.shapes = None if shapes is None else [tuple(s) for s in shapes]
         self._array: np.ndarray | None = None
+        self._ragged: RaggedImages | None = None
 
     @property
     def array(self) -> np.ndarray:
@@ -120,13 +243,17 @@ class MemmapImages:
         return self._array
 
     def __len__(self) -> int:
-        return self.shape[0]
+        return self.shape[0] if self.shapes is None else len(self.shapes)
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        if self.shapes is not None:
+            if self._ragged is None:
+                self._ragged = RaggedImages(self.array, self.shapes)
+            return self._ragged[index]
         return torch.from_numpy(np.array(self.array[index]))  # a private, writable copy of one row
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_array": None}
+        return {**self.__dict__, "_array": None, "_ragged": None}
 
 
 def _open_valid(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -140,8 +267,7 @@ def _open_valid(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     return array
 
 
-def _build_disk_cache(final: Path, paths: Sequence[str], shape: tuple[int, ...], size: int,
-                      description: str) -> None:
+def _build_disk_cache(final: Path, source: _Source, shape: tuple[int, ...], description: str) -> None:
     """Decode into a private temp file, then publish it with an atomic rename: a run that
     dies half-way leaves only a temp file, which no reader ever opens."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -151,45 +277,57 @@ def _build_disk_cache(final: Path, paths: Sequence[str], shape: tuple[int, ...],
     tmp = final.with_name(f".{final.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        _fill(out, paths, size, description)
+        _fill(out, source, description)
         out.flush()
         del out
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     stem = final.stem.split("-")[0]
-    for stale in final.parent.glob(f"{stem}-*.npy"):  # same images and size, older contents
+    for stale in final.parent.glob(f"{stem}-*.npy"):  # same images and geometry, older contents
         if stale != final:
             stale.unlink(missing_ok=True)
 
 
-def cached_images(records: Sequence[ImageRecord], size: int, mode: str = "memory",
-                  cache_dir: str | Path | None = None, description: str = "caching"):
-    """Indexable uint8 3 x S x S images of `records`: images[i] is a tensor, len(images) == N.
+def store_nbytes(records: Sequence[ImageRecord], geometry: Geometry | int | Sequence[int],
+                 sizes: Sequence[tuple[int, int]] | None = None, kind: str = "image") -> int:
+    """Bytes the cache of `records` will take (exact: uint8 prepared pixels), before decoding."""
+    return _Source(records, as_geometry(geometry), kind, sizes).nbytes()
 
-    memory: one tensor decoded now. disk: a memmap under cache_dir, reused when the key (paths,
-    file sizes, mtimes, resolution) matches and rebuilt otherwise. none: decode on access.
+
+def cached_images(records: Sequence[ImageRecord], geometry: Geometry | int | Sequence[int],
+                  mode: str = "memory", cache_dir: str | Path | None = None,
+                  description: str = "caching", kind: str = "image",
+                  sizes: Sequence[tuple[int, int]] | None = None):
+    """Indexable uint8 C x H x W images (or masks: kind="mask") of `records`: images[i] is a
+    tensor, len(images) == N. An int or [h, w] geometry means square at that size.
+
+    memory: decoded now. disk: a memmap under cache_dir, reused when the key (paths, file sizes,
+    mtimes, geometry) matches and rebuilt otherwise. none: decode on access. `sizes`: the
+    images' original (h, w) when already known (tiles), else read from the file headers.
     """
     if mode not in CACHE_MODES:
         raise UserError(f"data.cache={mode!r} is not a cache mode: use one of {', '.join(CACHE_MODES)}.")
-    paths = [r.path for r in records]
+    geometry = as_geometry(geometry)
+    source = _Source(records, geometry, kind, sizes)
     if mode == "none":
-        return DecodeOnAccess(paths, size)
-    if mode == "memory" or not paths:
-        return decode_images(records, size, description)
+        return DecodeOnAccess(source)
+    if mode == "memory" or not source.paths:
+        return decode_images(records, geometry, description, kind, source.sizes)
     if not cache_dir:
         raise UserError("data.cache=disk needs data.cache_dir: set it to a writable folder.")
-    identity, content = cache_key(paths, size)
-    shape = (len(paths), 3, int(size), int(size))
+    identity, content = source.key()
+    shape = (len(source.paths), *source.shapes[0]) if source.uniform else (source.nbytes(),)
     final = Path(cache_dir).expanduser() / f"{identity}-{content}.npy"
     if _open_valid(final, shape) is not None:
-        log.info("Reusing decoded-image cache %s (%d images at %d px)", final, len(paths), size)
+        log.info("Reusing decoded-image cache %s (%d %ss, %s)", final, len(source.paths), kind,
+                 geometry.describe())
     else:
         try:
-            _build_disk_cache(final, paths, shape, size, description)
+            _build_disk_cache(final, source, shape, description)
         except OSError as err:
             raise UserError(f"Cannot write the decoded-image cache in {final.parent}: {err}. Point "
                             "data.cache_dir at a writable folder with space, or use data.cache=memory."
                             ) from err
         log.info("Wrote decoded-image cache %s (%.1f MB)", final, final.stat().st_size / 1e6)
-    return MemmapImages(final, shape)
+    return MemmapImages(final, shape, None if source.uniform else source.shapes)

@@ -140,9 +140,8 @@ def verify_image(path: str | Path) -> None:
             _to_rgb(im)
 
 
-def load_resized(path: str | Path, size: int) -> np.ndarray:
-    """HxWx3 uint8 array of the image resized (antialiased) to size x size."""
-    im = load_rgb(path)
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
+def load_resized(path: str | Path, size: int | tuple[int, int]) -> np.ndarray:
+    """HxWx3 uint8 array of the image resized to size x size (the square geometry)."""
+    from defect_detection.data.geometry import Square, size_hw
+
+    return Square(size=size_hw(size)).prepare(load_rgb(path))

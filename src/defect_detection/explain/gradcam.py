@@ -157,3 +157,28 @@ def load_mask(path: str | Path, size: int) -> torch.Tensor:
     values = torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy())
     binary = values >= 128
     return binary if binary.any() else values > 0
+
+
+def geometry_cams(net: nn.Module, layer: str | nn.Module, images: list[torch.Tensor], geometry, *,
+                  target: str | int = "defect", threshold: float = 0.5, batch_size: int = 16,
+                  temperature: float = 1.0) -> tuple[list[torch.Tensor], float]:
+    """Grad-CAM maps of prepared, normalised images (each 3 x H x W) under an input geometry:
+    one map per image over its prepared pixels (tiles: each tile's map, stitched with overlaps
+    averaged). Returns (maps, seconds)."""
+    if geometry.name != "tiles":
+        if not images:
+            return [], 0.0
+        result = compute_cams(net, layer, torch.stack(images), target=target, threshold=threshold,
+                              batch_size=batch_size, temperature=temperature)
+        return list(result.maps), result.seconds
+    tiles = [geometry.cut(im) for im in images]
+    if not tiles:
+        return [], 0.0
+    result = compute_cams(net, layer, torch.cat(tiles), target=target, threshold=threshold,
+                          batch_size=batch_size, temperature=temperature)
+    maps, start = [], 0
+    for im, t in zip(images, tiles):
+        stitched = geometry.stitch(result.maps[start:start + len(t)], tuple(im.shape[-2:]))
+        start += len(t)
+        maps.append(normalise_maps(stitched[None])[0])
+    return maps, result.seconds

@@ -54,8 +54,9 @@ def per_image_scores(cam: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
             "energy_in_mask": energy_in_mask(cam, mask), "mask_area_share": float(mask.float().mean())}
 
 
-def localisation_scores(cams: torch.Tensor, masks: torch.Tensor) -> tuple[LocalisationScores, list[dict]]:
-    """Averaged scores and the per-image rows; images with an empty or full mask are skipped."""
+def localisation_scores(cams, masks) -> tuple[LocalisationScores, list[dict]]:
+    """Averaged scores and the per-image rows; images with an empty or full mask are skipped.
+    cams/masks: N x H x W stacks, or sequences of H x W maps of any sizes (tiles, letterbox)."""
     rows = []
     for cam, mask in zip(cams, masks):
         share = float(mask.bool().float().mean())

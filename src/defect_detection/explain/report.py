@@ -17,7 +17,9 @@ import torch
 from omegaconf import DictConfig
 
 from defect_detection import CLASS_NAMES, DEFECT
-from defect_detection.explain.gradcam import compute_cams, load_mask
+from defect_detection.data.cache import prepared_mask
+from defect_detection.data.geometry import header_hw
+from defect_detection.explain.gradcam import geometry_cams
 from defect_detection.explain.localisation import localisation_scores
 from defect_detection.explain.overlay import denormalise, gallery, overlay, save_png
 
@@ -57,14 +59,26 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
 
     timing = [0.0, 0]  # seconds, maps
 
+    geometry = datamodule.geometry
+    sizes = getattr(datamodule, "sizes", None) or {}
+
+    def hw_of(i: int) -> tuple[int, int]:
+        path = records[i].path
+        return sizes[path] if path in sizes else header_hw(path)
+
+    def content(i: int, t: torch.Tensor) -> torch.Tensor:
+        """The photo's part of a prepared image or map (letterbox: the padding cut off)."""
+        top, left, h, w = geometry.content_box(hw_of(i))
+        return t[..., top:top + h, left:left + w]
+
     def cams_of(indices: list[int], explained: str) -> dict[int, torch.Tensor]:
         if not indices:
             return {}
-        x = torch.stack([dataset[i][0] for i in indices])
-        result = compute_cams(module.net, layer, x, target=explained, threshold=threshold, batch_size=bs,
-                              temperature=temperature)
-        timing[0], timing[1] = timing[0] + result.seconds, timing[1] + len(indices)
-        return dict(zip(indices, result.maps))
+        maps, secs = geometry_cams(module.net, layer, [dataset[i][0] for i in indices], geometry,
+                                   target=explained, threshold=threshold, batch_size=bs,
+                                   temperature=temperature)
+        timing[0], timing[1] = timing[0] + secs, timing[1] + len(indices)
+        return {i: content(i, m) for i, m in zip(indices, maps)}
 
     if target == "defect":  # one pass serves the galleries and the localisation scores
         cams = defect_cams = cams_of(list(dict.fromkeys(shown + masked)), "defect")
@@ -72,15 +86,14 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
         cams, defect_cams = cams_of(shown, target), cams_of(masked, "defect")
     seconds, n_maps = timing
 
-    size = int(datamodule.image_size)
-    masks = {i: load_mask(records[i].mask_path, size) for i in masked}
+    masks = {i: content(i, torch.from_numpy(prepared_mask(records[i].mask_path, geometry, hw_of(i))[0] > 0))
+             for i in masked}
     metrics: dict[str, float] = {}
     if n_maps:
         metrics[f"{stage}/cam_ms_per_image"] = 1000.0 * seconds / n_maps
     rows = []
     if masked:
-        scores, per_image = localisation_scores(torch.stack([defect_cams[i] for i in masked]),
-                                                torch.stack([masks[i] for i in masked]))
+        scores, per_image = localisation_scores([defect_cams[i] for i in masked], [masks[i] for i in masked])
         if scores.n_images:
             metrics.update(scores.metrics(f"{stage}/"))
         rows = [{"path": records[i].path, "category": records[i].category,
@@ -88,7 +101,7 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
                 for i, row in zip(masked, per_image)]
 
     def tile(i: int):
-        image = denormalise(dataset[i][0][None], mean, std)[0]
+        image = denormalise(content(i, dataset[i][0])[None], mean, std)[0]
         return overlay(image, cams[i].numpy(), float(ecfg.alpha), str(ecfg.colormap),
                        masks[i].numpy() if i in masks else None)
 

@@ -11,8 +11,9 @@ import pandas as pd
 
 from defect_detection import CLASS_NAMES, UserError
 from defect_detection.data.records import IMAGE_SUFFIXES
-from defect_detection.explain.gradcam import compute_cams, gradcam_layer_for
+from defect_detection.explain.gradcam import geometry_cams, gradcam_layer_for
 from defect_detection.explain.overlay import denormalise, overlay, save_png
+from defect_detection.models.inference import as_pil
 
 
 def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -57,22 +58,40 @@ def write_overlays(predictor, paths: Sequence[str | Path], out_dir: str | Path, 
     layer = layer or gradcam_layer_for(meta["backbone"])
     names = _relative_names([p.resolve() for p in paths])
     written, rows = [], []
+    geometry = predictor.geometry
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        x = predictor.preprocess(chunk)
-        result = compute_cams(predictor.net, layer, x, target=target, threshold=predictor.threshold,
-                              batch_size=batch_size, temperature=float(meta.get("temperature", 1.0)))
-        images = denormalise(x, meta["mean"], meta["std"])
+        pils = [as_pil(p) for p in chunk]
+        prepared = [predictor._normalise(geometry.prepare(im)) for im in pils]
+        p_images = predictor.p_defect(pils)  # the image decision, tiles pooled as in evaluation
+        cam_args = {"threshold": predictor.threshold, "batch_size": batch_size,
+                    "temperature": float(meta.get("temperature", 1.0))}
+        if target == "predicted" and geometry.name == "tiles":
+            # the image's decision (pooled tiles) picks the class explained on all of its tiles
+            maps, seconds = [], 0.0
+            for k, x in enumerate(prepared):
+                cls = "defect" if p_images[k] >= predictor.threshold else "good"
+                m, secs = geometry_cams(predictor.net, layer, [x], geometry, target=cls, **cam_args)
+                maps, seconds = maps + m, seconds + secs
+        else:
+            maps, seconds = geometry_cams(predictor.net, layer, prepared, geometry, target=target, **cam_args)
         for k, path in enumerate(chunk):
             name = names[start + k]
-            dest = save_png(overlay(images[k], result.maps[k].numpy(), alpha, colormap),
+            top, left, h, w = geometry.content_box((pils[k].height, pils[k].width))
+            image = denormalise(prepared[k][None], meta["mean"], meta["std"])[0][top:top + h, left:left + w]
+            cam = maps[k][top:top + h, left:left + w].numpy()
+            dest = save_png(overlay(image, cam, alpha, colormap),
                             out_dir / name.parent / f"{name.stem}_gradcam.png")
-            p = float(result.p_defect[k])
+            p = float(p_images[k])
+            is_defect = p >= predictor.threshold
+            cls = ({"defect": 1, "good": 0}.get(target, int(is_defect)) if isinstance(target, str)
+                   else int(target))
             written.append(dest)
             rows.append({"path": str(path), "overlay": str(dest), "p_defect": p,
-                         "decision": CLASS_NAMES[int(p >= predictor.threshold)],
-                         "explained_class": CLASS_NAMES[int(result.target[k])],
-                         "threshold": predictor.threshold, "cam_ms_per_image": result.ms_per_image})
+                         "decision": CLASS_NAMES[int(is_defect)],
+                         "explained_class": CLASS_NAMES[cls],
+                         "threshold": predictor.threshold,
+                         "cam_ms_per_image": 1000.0 * seconds / max(1, len(chunk))})
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out_dir / "overlays.csv", index=False)
     return written

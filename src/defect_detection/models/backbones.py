@@ -93,6 +93,8 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet34": _torchvision_resnet("resnet34", "resnet34-b627a593.pth"),
     "resnet50": _torchvision_resnet("resnet50", "resnet50-0676ba61.pth"),
     "efficientnet_lite0": _efficientnet_lite("lite0"),
+    "efficientnet_lite1": _efficientnet_lite("lite1"),
+    "efficientnet_lite2": _efficientnet_lite("lite2"),
 }
 
 

@@ -16,22 +16,28 @@ import torch
 from PIL import Image
 
 from defect_detection import CLASS_NAMES, UserError
+from defect_detection.data.geometry import Geometry, Square, build_geometry, size_hw
 from defect_detection.data.images import load_rgb
+from defect_detection.models.aggregation import image_logits
 from defect_detection.models.backbones import build_network
 from defect_detection.models.batchnorm_folding import fold_batchnorm
 
 log = logging.getLogger(__name__)
 
 
-def save_bundle(path: str | Path, net: torch.nn.Module, *, backbone: str, image_size: int,
+def save_bundle(path: str | Path, net: torch.nn.Module, *, backbone: str, image_size: int | Sequence[int],
                 mean: Sequence[float], std: Sequence[float], threshold: float,
-                threshold_policy: str = "fixed", temperature: float = 1.0) -> Path:
+                threshold_policy: str = "fixed", temperature: float = 1.0,
+                extra: dict | None = None) -> Path:
+    """`extra`: family, input geometry and tile aggregation (what makes predict cut and pool
+    images exactly as evaluation did); absent keys mean the classifier on square input."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"backbone": backbone, "image_size": int(image_size), "mean": [float(m) for m in mean],
+    size = int(image_size) if isinstance(image_size, (int, np.integer)) else [int(v) for v in image_size]
+    meta = {"backbone": backbone, "image_size": size, "mean": [float(m) for m in mean],
             "std": [float(s) for s in std], "threshold": float(threshold),
             "threshold_policy": threshold_policy, "temperature": float(temperature),
-            "class_names": list(CLASS_NAMES)}
+            "class_names": list(CLASS_NAMES), **(extra or {})}
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"meta": meta, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}, tmp)
     tmp.replace(path)
@@ -53,35 +59,39 @@ def _read_bundle(path: str | Path) -> tuple[dict, dict]:
     raise UserError(f"{path} is neither an inference bundle nor a checkpoint written by defect-train.")
 
 
-def image_array(item, size: int) -> np.ndarray:
-    """size x size x 3 uint8 RGB array of a path, PIL image or HxWx3 / HxW array of any size.
-
-    Paths decode and resize exactly like the training cache (load_resized), so a file scores
-    the same at inference as in evaluation.
-    """
+def as_pil(item) -> Image.Image:
+    """RGB PIL image of a path (decoded like the training cache), PIL image or HxW[x3|4] array."""
     if isinstance(item, (str, Path)):
-        im = load_rgb(item)
-    elif isinstance(item, Image.Image):
-        im = item.convert("RGB")
-    else:
-        arr = np.asarray(item)
-        if arr.ndim == 2:
-            arr = np.stack([arr] * 3, -1)
-        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-            raise UserError(f"Expected an HxWx3 image array, got shape {arr.shape}.")
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-        im = Image.fromarray(arr[..., :3])
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
+        return load_rgb(item)
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    arr = np.asarray(item)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, -1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise UserError(f"Expected an HxWx3 image array, got shape {arr.shape}.")
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr[..., :3])
+
+
+def image_array(item, size) -> np.ndarray:
+    """size x size x 3 uint8 RGB array (square geometry) of a path, PIL image or array."""
+    return Square(size=size_hw(size)).prepare(as_pil(item))
+
+
+def bundle_geometry(meta: dict) -> Geometry:
+    """The input geometry a bundle was trained with (square at image_size for older bundles)."""
+    return build_geometry(meta.get("input"), meta["image_size"])
 
 
 class BasePredictor:
-    """What every predictor shares: bundle meta, preprocessing and the thresholded decision.
+    """What every predictor shares: bundle meta, the input geometry, tile pooling and the
+    thresholded decision.
 
     Subclasses (Predictor: eager PyTorch; OnnxPredictor: ONNX Runtime) set `meta` and
-    `batch_size` and implement `_scores(x)`: p_defect of one normalised N x 3 x S x S batch.
+    `batch_size` and implement `_tile_logits(x)`: raw two-class logits of a normalised
+    T x 3 x h x w batch of network inputs (whole images, or tiles with input=tiles).
     """
 
     meta: dict
@@ -91,8 +101,16 @@ class BasePredictor:
     def threshold(self) -> float:
         return float(self.meta["threshold"])
 
+    @property
+    def geometry(self) -> Geometry:
+        cached = self.__dict__.get("_geometry")
+        if cached is None or cached[0] is not self.meta:
+            cached = self.__dict__["_geometry"] = (self.meta, bundle_geometry(self.meta))
+        return cached[1]
+
     def _to_array(self, item) -> np.ndarray:
-        return image_array(item, self.meta["image_size"])
+        """H x W x 3 uint8 network-side pixels of one item (the geometry's prepare)."""
+        return self.geometry.prepare(as_pil(item))
 
     @property
     def mean(self) -> torch.Tensor:
@@ -102,18 +120,49 @@ class BasePredictor:
     def std(self) -> torch.Tensor:
         return torch.tensor(self.meta["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
-    def preprocess(self, items: Sequence) -> torch.Tensor:
-        """Normalised float32 N x 3 x S x S batch, exactly as the eval transform makes it."""
-        arr = np.stack([self._to_array(i) for i in items])
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
-        return (x - self.mean) / self.std
+    def _normalise(self, arr: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).float()[None] / 255.0
+        return ((x - self.mean) / self.std)[0]
 
-    def _scores(self, x: torch.Tensor) -> np.ndarray:
+    def prepare(self, items: Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(normalised network inputs T x 3 x h x w, tiles per image or None when one each),
+        exactly as the eval transform and the tile collate make them."""
+        images = [self._normalise(self._to_array(i)) for i in items]
+        if self.geometry.name != "tiles":
+            return (torch.stack(images) if images else torch.empty(0, 3, *self.geometry.size)), None
+        tiles = [self.geometry.cut(im) for im in images]
+        return torch.cat(tiles), torch.tensor([len(t) for t in tiles], dtype=torch.long)
+
+    def preprocess(self, items: Sequence) -> torch.Tensor:
+        """The normalised network inputs of `items` (T x 3 x h x w)."""
+        return self.prepare(items)[0]
+
+    def _tile_logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _p_of(self, tile_logits: torch.Tensor, counts: torch.Tensor | None) -> np.ndarray:
+        """p_defect per image: tiles pooled as training pooled them, then the temperature."""
+        logits = image_logits(tile_logits.float(), counts, **(self.meta.get("aggregate") or {}))
+        return (logits / float(self.meta.get("temperature", 1.0))).softmax(1)[:, 1].numpy()
+
+    def _scores(self, x: torch.Tensor) -> np.ndarray:
+        """p_defect of each network input taken as a whole image (one tile each)."""
+        return self._p_of(self._tile_logits(x), None)
+
+    def _logits_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [self._tile_logits(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        return torch.cat(parts) if parts else torch.empty(0, 2)
+
     def p_defect(self, items: Sequence) -> np.ndarray:
-        out = [self._scores(self.preprocess(items[start:start + self.batch_size]))
-               for start in range(0, len(items), self.batch_size)]
+        items = list(items)
+        per_chunk = self.batch_size
+        if self.geometry.name == "tiles" and items:  # about batch_size tiles per forward pass
+            first = self._to_array(items[0]).shape[:2]
+            per_chunk = max(1, self.batch_size // self.geometry.n_tiles(first))
+        out = []
+        for start in range(0, len(items), per_chunk):
+            x, counts = self.prepare(items[start:start + per_chunk])
+            out.append(self._p_of(self._logits_in_chunks(x), counts))
         return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
 
     def predict(self, items: Iterable) -> pd.DataFrame:
@@ -160,14 +209,13 @@ class Predictor(BasePredictor):
             log.warning("bf16 autocast requested but %s has no native bfloat16: it will be slow.", device)
 
     @torch.inference_mode()
-    def _scores(self, x: torch.Tensor) -> np.ndarray:
+    def _tile_logits(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self._scoring_net()(x)
-        logits = logits.float() / self.meta.get("temperature", 1.0)
-        return logits.softmax(1)[:, 1].cpu().numpy()
+        return logits.float().cpu()
 
     def __getstate__(self) -> dict:  # the folded copy is rebuilt on demand, never pickled
         return {k: v for k, v in self.__dict__.items() if k != "_folded"}

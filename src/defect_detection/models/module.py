@@ -1,15 +1,26 @@
-"""The LightningModule: backbone + head, frozen parts, loss, metrics, decision threshold."""
+"""The LightningModules: what every detector family shares, and the fine-tuned classifier.
+
+`DetectorModule` holds the contract every family keeps: `net` maps a normalised batch of tiles
+(T x 3 x h x w; one tile per image except with input=tiles) to two-class logits per tile, the
+tiles of an image are pooled into image logits (models/aggregation.py), p_defect =
+softmax(logits / temperature)[:, 1], and validation/test collect every image's score, label and
+logits for the threshold, calibration and reports. A family subclasses it and says how it
+learns (`training_step`) and, where it has one, what its own map is (`net.anomaly_map`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torchmetrics.classification import BinaryConfusionMatrix
 
+from defect_detection.data.datamodule import Batch
 from defect_detection.evaluation.metrics import decision_metrics, ranking_metrics
+from defect_detection.models.aggregation import image_logits
 from defect_detection.models.batchnorm_folding import fold_batchnorm
 
 
@@ -18,21 +29,31 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-class DefectClassifier(pl.LightningModule):
-    """Good/defect classifier; `threshold` is a buffer so checkpoints carry the decision rule."""
+def _as_batch(batch) -> Batch:
+    return batch if isinstance(batch, Batch) else Batch(*batch)
 
-    def __init__(self, net: nn.Module, loss_fn: nn.Module, optimizer: Callable, scheduler: Callable | None,
-                 frozen_bn: Sequence[nn.Module] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 std: Sequence[float] = (0.5, 0.5, 0.5), threshold: float = 0.5,
-                 channels_last: bool = False, meta: dict | None = None,
-                 fold_batchnorm: bool = False) -> None:
+
+class DetectorModule(pl.LightningModule):
+    """One detector family's training and scoring; `threshold` and `temperature` are buffers so
+    checkpoints carry the decision rule."""
+
+    family: ClassVar[str] = ""
+
+    def __init__(self, net: nn.Module, loss_fn: nn.Module | None, optimizer: Callable | None,
+                 scheduler: Callable | None, frozen_bn: Sequence[nn.Module] = (),
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                 threshold: float = 0.5, channels_last: bool = False, meta: dict | None = None,
+                 fold_batchnorm: bool = False, aggregate: Mapping | None = None) -> None:
         super().__init__()
         self.net, self.loss_fn = net, loss_fn
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self._frozen_bn = list(frozen_bn)
         self.channels_last = channels_last
         self.fold_batchnorm = fold_batchnorm  # score val/test/predict with BatchNorm folded in
-        self.meta = dict(meta or {})  # backbone name, image size: what rebuilds the net from a .ckpt
+        self.meta = dict(meta or {})  # family, backbone, geometry: what rebuilds the net from a .ckpt
+        agg = dict(aggregate or {})
+        self.aggregate = {"how": agg.get("how", "max"), "k": int(agg.get("k", 3)),
+                          "tau": float(agg.get("tau", 1.0))}
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
@@ -68,12 +89,22 @@ class DefectClassifier(pl.LightningModule):
     def _stop_scoring(self) -> None:
         self.__dict__.pop("_scoring_net", None)
 
+    def pool(self, tile_logits: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        """Image logits from tile logits (identity with one tile per image)."""
+        return image_logits(tile_logits, counts, **self.aggregate)
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """p_defect of logits, tempered exactly as Predictor does with the bundle's temperature."""
         return (logits.float() / self.temperature).softmax(dim=1)[:, 1]
 
     def p_defect(self, x: torch.Tensor) -> torch.Tensor:
         return self.probabilities(self(x))
+
+    def eval_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """val/test loss of image logits (the checkpoint monitor by default)."""
+        if self.loss_fn is not None:
+            return self.loss_fn(logits, y)
+        return nn.functional.cross_entropy(logits, y)
 
     def set_threshold(self, value: float) -> None:
         self.threshold.fill_(float(value))
@@ -103,23 +134,20 @@ class DefectClassifier(pl.LightningModule):
         checkpoint.get("state_dict", {}).setdefault("temperature", torch.tensor(1.0))
 
     # -- steps -----------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
-        x, y, _ = batch
-        loss = self.loss_fn(self(x), y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y),
+    def log_train_loss(self, loss: torch.Tensor, n: int, name: str = "train/loss") -> None:
+        self.log(name, loss, on_step=True, on_epoch=True, prog_bar=name == "train/loss", batch_size=n,
                  sync_dist=True)  # DDP: the epoch value is the mean over every rank's batches
-        return loss
 
     def _eval_step(self, stage: str, batch, threshold: float) -> None:
-        x, y, idx = batch
-        logits = self._score(x).float()
+        x, y, idx, counts = _as_batch(batch)[:4]
+        logits = self.pool(self._score(x).float(), counts)
         p = self.probabilities(logits)
         pred = (p >= threshold).long()
         decisions = getattr(self, f"{stage}_decisions")
         ranking = getattr(self, f"{stage}_ranking")
         decisions.update(pred, y)
         ranking.update(p, y)
-        self.log(f"{stage}/loss", self.loss_fn(logits, y), on_epoch=True, prog_bar=stage == "val",
+        self.log(f"{stage}/loss", self.eval_loss(logits, y), on_epoch=True, prog_bar=stage == "val",
                  batch_size=len(y), sync_dist=True)
         self.log_dict(decisions, on_epoch=True, batch_size=len(y))
         self.log_dict(ranking, on_epoch=True, prog_bar=stage == "val", batch_size=len(y))
@@ -177,8 +205,10 @@ class DefectClassifier(pl.LightningModule):
                        "test/tp": float(tp), "test/threshold": float(self.threshold)}, sync_dist=True)
 
     def predict_step(self, batch, batch_idx):
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.probabilities(self._score(x))
+        if isinstance(batch, torch.Tensor):
+            return self.probabilities(self._score(batch))
+        b = _as_batch(batch)
+        return self.probabilities(self.pool(self._score(b.x).float(), b.counts))
 
     def on_predict_epoch_start(self) -> None:
         self._start_scoring()
@@ -194,3 +224,44 @@ class DefectClassifier(pl.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+class DefectClassifier(DetectorModule):
+    """The fine-tuned classifier (image labels): an ImageNet backbone with a two-class head,
+    trained with the image-level loss on the pooled tile logits. Its map is Grad-CAM
+    (explain/gradcam.py). With input=tiles and `tile_loss_weight` > 0, tiles that a mask covers
+    (and every tile of a good image) also get a tile label and a tile loss."""
+
+    family = "classifier"
+
+    def __init__(self, net: nn.Module, loss_fn: nn.Module, optimizer: Callable, scheduler: Callable | None,
+                 frozen_bn: Sequence[nn.Module] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
+                 std: Sequence[float] = (0.5, 0.5, 0.5), threshold: float = 0.5,
+                 channels_last: bool = False, meta: dict | None = None,
+                 fold_batchnorm: bool = False, aggregate: Mapping | None = None,
+                 tile_loss_weight: float = 0.0, tile_min_pixels: int = 1) -> None:
+        super().__init__(net, loss_fn, optimizer, scheduler, frozen_bn, mean, std, threshold, channels_last,
+                         meta, fold_batchnorm, aggregate)
+        self.tile_loss_weight, self.tile_min_pixels = float(tile_loss_weight), int(tile_min_pixels)
+
+    def training_step(self, batch, batch_idx):
+        b = _as_batch(batch)
+        tile_logits = self(b.x)
+        loss = self.loss_fn(self.pool(tile_logits, b.counts), b.y)
+        if self.tile_loss_weight > 0 and b.mask is not None and b.counts is not None:
+            tile_loss = self._tile_loss(tile_logits, b)
+            if tile_loss is not None:
+                self.log_train_loss(tile_loss, len(b.y), "train/tile_loss")
+                loss = loss + self.tile_loss_weight * tile_loss
+        self.log_train_loss(loss, len(b.y))
+        return loss
+
+    def _tile_loss(self, tile_logits: torch.Tensor, b: Batch) -> torch.Tensor | None:
+        """Tile labels where they are known: every tile of a good image is good; a tile of a
+        masked defect image is a defect when its mask holds >= tile_min_pixels pixels."""
+        per_image = torch.repeat_interleave(torch.arange(len(b.y), device=b.y.device), b.counts)
+        known = (b.y[per_image] == 0) | b.has_mask[per_image]
+        if not known.any():
+            return None
+        labels = (b.mask.flatten(1).sum(1) >= self.tile_min_pixels).long() * b.y[per_image]
+        return self.loss_fn(tile_logits[known], labels[known])

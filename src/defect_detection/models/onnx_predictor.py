@@ -18,6 +18,8 @@ from defect_detection.models.inference import BasePredictor
 
 META_KEY = "defect_meta"
 INPUT_NAME, LOGITS_NAME, P_DEFECT_NAME = "image", "logits", "p_defect"
+# The graph scores network inputs (whole images, or tiles with input=tiles); cutting images into
+# tiles and pooling tile logits into the image score happen in BasePredictor, as in evaluation.
 
 
 def default_providers() -> list[str]:
@@ -57,7 +59,7 @@ class OnnxPredictor(BasePredictor):
         self.meta = json.loads(text)
         self.path, self.batch_size = path, batch_size
 
-    def _scores(self, x: torch.Tensor) -> np.ndarray:
+    def _tile_logits(self, x: torch.Tensor) -> torch.Tensor:
         batch = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        (p,) = self.session.run([P_DEFECT_NAME], {INPUT_NAME: batch})
-        return p.astype(np.float32)
+        (logits,) = self.session.run([LOGITS_NAME], {INPUT_NAME: batch})
+        return torch.from_numpy(logits.astype(np.float32))

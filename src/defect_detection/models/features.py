@@ -1,0 +1,67 @@
+"""Multi-scale feature maps of an ImageNet backbone (stride 8, 16, 32), weights loaded offline.
+
+PatchCore compares stride-8/16 patch features of a frozen backbone; the segmenter builds its
+feature pyramid on them. Only the stages up to the deepest stride asked for are built, so a
+stride-16 extractor skips the last stage's compute. The weights are the same offline ImageNet
+weights the classifier starts from (models/backbones.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from defect_detection import UserError
+from defect_detection.models.backbones import build_network
+
+# Which feature of each architecture has which stride: timm feature indices for the
+# EfficientNet-Lites (their feature_info), torchvision stage names for the ResNets.
+FEATURE_LEVELS: dict[str, dict[int, int | str]] = {
+    **{f"efficientnet_lite{v}": {4: 1, 8: 2, 16: 3, 32: 4} for v in (0, 1, 2)},
+    **{f"resnet{d}": {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"} for d in (18, 34, 50)},
+}
+
+
+def check_strides(backbone: str, strides: Sequence[int], key: str = "model.strides") -> list[int]:
+    levels = FEATURE_LEVELS.get(backbone)
+    if levels is None:
+        raise UserError(f"backbone={backbone} has no feature pyramid for this detector family; use one of "
+                        f"{sorted(FEATURE_LEVELS)}.")
+    bad = [s for s in strides if s not in levels]
+    if bad or not strides:
+        raise UserError(f"{key}={list(strides)}: {backbone} has feature maps at strides {sorted(levels)}; "
+                        "pick one or more of them (e.g. [8, 16]).")
+    return sorted(int(s) for s in strides)
+
+
+class FeatureExtractor(nn.Module):
+    """x (N x 3 x H x W, normalised) -> one feature map per requested stride, shallow to deep."""
+
+    def __init__(self, backbone: str, strides: Sequence[int] = (8, 16), pretrained: bool = True,
+                 weights_path: str | None = None) -> None:
+        super().__init__()
+        self.backbone, self.strides = backbone, check_strides(backbone, strides)
+        levels = [FEATURE_LEVELS[backbone][s] for s in self.strides]
+        full = build_network(backbone, pretrained, weights_path)
+        if backbone.startswith("efficientnet_lite"):
+            import timm
+
+            variant = backbone.split("_")[1]  # lite0 / lite1 / lite2
+            self.body = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, features_only=True,
+                                          out_indices=tuple(levels))
+            state = full.state_dict()
+            self.body.load_state_dict({k: state[k] for k in self.body.state_dict()}, strict=True)
+            self.channels = list(self.body.feature_info.channels())
+        else:
+            from torchvision.models.feature_extraction import create_feature_extractor
+
+            self.body = create_feature_extractor(full, return_nodes={str(n): str(n) for n in levels})
+            with torch.no_grad():
+                probe = self.body(torch.zeros(1, 3, 64, 64))
+            self.channels = [int(v.shape[1]) for v in probe.values()]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = self.body(x)
+        return list(out.values()) if isinstance(out, dict) else list(out)
