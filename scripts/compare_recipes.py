@@ -6,8 +6,15 @@ chosen on val (max_recall_at_fp, k=0), everything reported on test.
     python scripts/compare_recipes.py --data-root /data/mvtec --categories bottle cable \
         --seeds 0 1 2 --recipes seed_recipe default --out outputs/recipe_comparison.md
 
-A recipe is `default` (the composed defaults of conf/train.yaml) or the name of an
-`experiment=` overlay (e.g. seed_recipe). Every run trains in this process through
+A recipe is `default` (the composed defaults of conf/train.yaml), the name of an
+`experiment=` overlay (e.g. seed_recipe), or `LABEL:OVERRIDES` (the defaults plus those
+overrides). Input geometries on the AITEX fabric scans (folder layout):
+
+    python scripts/compare_recipes.py --data folder --data-root ../shared/data/aitex_fabric \
+        --recipes square:input=square \
+        "letterbox:input=letterbox data.image_size=[128,2048]" \
+        "tiles:input=tiles input.scale=0.5 input.tile_size=[128,512] input.overlap=64"
+ Every run trains in this process through
 defect_detection.train.train on the real configs and is an MLflow run in the experiment
 `recipe-comparison`, nested under one parent run that also holds the markdown table.
 Single split seeds are noisy (59 test images on bottle), so the table gives mean ± std and
@@ -47,7 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--categories", nargs="+", default=["bottle"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="split seeds")
     p.add_argument("--recipes", nargs="+", default=["seed_recipe", "default"],
-                   help="`default` or experiment overlay names (conf/experiment/<name>.yaml)")
+                   help="`default`, an experiment overlay name (conf/experiment/<name>.yaml), or "
+                        "'LABEL:OVERRIDE OVERRIDE...' (the default recipe with those overrides, e.g. "
+                        "'tiles:input=tiles input.scale=0.5')")
+    p.add_argument("--data", choices=["mvtec", "folder"], default="mvtec",
+                   help="layout of --data-root: mvtec (<category>/train, test) or folder "
+                        "(good/, defect/<type>/)")
     p.add_argument("--out", default=str(project_root() / "outputs" / "recipe_comparison.md"))
     p.add_argument("--experiment-name", default=EXPERIMENT)
     p.add_argument("--full-logging", action="store_true",
@@ -57,12 +69,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def recipe_overrides(recipe: str) -> list[str]:
+    """The overrides a recipe stands for (see --recipes)."""
+    if ":" in recipe:
+        return shlex.split(recipe.split(":", 1)[1])
+    return [] if recipe == "default" else [f"experiment={recipe}"]
+
+
+def recipe_label(recipe: str) -> str:
+    return recipe.split(":", 1)[0]
+
+
 def run_overrides(args: argparse.Namespace, recipe: str, seed: int, out_dir: Path) -> list[str]:
     cats = ",".join(args.categories)
-    ov = ([] if recipe == "default" else [f"experiment={recipe}"]) + [
-        "data=mvtec", f"data.root={args.data_root}", f"data.categories=[{cats}]", "data.cache=disk",
-        f"seed={seed}", f"experiment_name={args.experiment_name}", f"run_name={recipe}-seed{seed}",
-        f"paths.output_dir={out_dir / f'{recipe}-seed{seed}'}", "callbacks.progress_bar=null"]
+    data = ([f"data.categories=[{cats}]"] if args.data == "mvtec" else [])
+    label = recipe_label(recipe)
+    ov = recipe_overrides(recipe) + [
+        f"data={args.data}", f"data.root={args.data_root}", *data, "data.cache=disk",
+        f"seed={seed}", f"experiment_name={args.experiment_name}", f"run_name={label}-seed{seed}",
+        f"paths.output_dir={out_dir / f'{label}-seed{seed}'}", "callbacks.progress_bar=null"]
     if not args.full_logging:
         ov += ["log_model=false", "log_data_summary=false", "explain=none"]
     return ov + list(args.overrides)
@@ -75,7 +100,11 @@ def fmt(values: list[float], worst, digits: int) -> tuple[str, str]:
 
 
 def markdown(args: argparse.Namespace, rows: list[dict], command: str, wall_s: float) -> str:
-    lines = [f"# Recipe comparison: {', '.join(args.recipes)} on {', '.join(args.categories)}", "",
+    where = ", ".join(args.categories) if args.data == "mvtec" else Path(args.data_root).name
+    recipes = "; ".join(f"{recipe_label(r)} = {' '.join(recipe_overrides(r)) or 'the defaults'}"
+                        for r in args.recipes)
+    lines = [f"# Recipe comparison: {', '.join(map(recipe_label, args.recipes))} on {where}", "",
+             f"Recipes: {recipes}.", "",
              f"Command: `{command}`", "",
              f"Split seeds {args.seeds} (each recipe's split: stratified train/val/test 60/20/20 for "
              "seed_recipe and default), threshold chosen on val by each recipe's policy "
@@ -87,7 +116,7 @@ def markdown(args: argparse.Namespace, rows: list[dict], command: str, wall_s: f
              "| recipe | " + " | ".join(f"{c} mean ± std | {c} worst" for c, _, _ in COLUMNS)
              + " | train+eval s/run |",
              "|---" * (2 + 2 * len(COLUMNS)) + "|"]
-    for recipe in args.recipes:
+    for recipe in map(recipe_label, args.recipes):
         mine = [r for r in rows if r["recipe"] == recipe]
         if not mine:
             continue
@@ -142,11 +171,12 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 result = train(cfg)
                 seconds = time.perf_counter() - t0
-                tags = {"mlflow.parentRunId": parent, "comparison": stamp, "recipe": recipe}
+                tags = {"mlflow.parentRunId": parent, "comparison": stamp, "recipe": recipe_label(recipe)}
                 for key, value in tags.items():
                     client.set_tag(result["run_id"], key, value)
                 history = client.get_metric_history(result["run_id"], "val/auroc")
-                rows.append({"recipe": recipe, "seed": seed, "seconds": seconds, "run_id": result["run_id"],
+                rows.append({"recipe": recipe_label(recipe), "seed": seed, "seconds": seconds,
+                             "run_id": result["run_id"],
                              "threshold": result["threshold"],
                              "epochs": len(history) - 1,  # the last val/auroc is the best checkpoint's
                              **{k: float(v) for k, v in {**result["val"], **result["test"]}.items()}})

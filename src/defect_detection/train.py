@@ -25,12 +25,10 @@ from defect_detection.evaluation.metrics import separation_margin
 from defect_detection.evaluation.reports import log_test_report
 from defect_detection.evaluation.thresholds import choose_threshold
 from defect_detection.explain.report import log_gradcam
-from defect_detection.models.backbones import build_network
 from defect_detection.models.checkpointing import AtomicCheckpointIO, RngStateCallback
-from defect_detection.models.freezing import apply_freezing, resolve_trainable
+from defect_detection.models.families import family
 from defect_detection.models.inference import save_bundle
-from defect_detection.models.losses import build_loss
-from defect_detection.models.module import DefectClassifier
+from defect_detection.models.module import DetectorModule
 from defect_detection.schema import validate_train_config
 from defect_detection.tracking.mlflow_run import (
     RunTracker,
@@ -80,27 +78,20 @@ def needs_masks(cfg: DictConfig) -> bool:
     return inp.get("name") == "tiles" and float(inp.get("tile_loss_weight", 0) or 0) > 0
 
 
-def build_module(cfg: DictConfig, class_counts: tuple[int, int]) -> DefectClassifier:
-    bb = cfg.backbone
-    net = build_network(bb.name, bb.pretrained, bb.weights_path)
-    trainable = cfg.freezing.trainable
-    prefixes = resolve_trainable(net, trainable if isinstance(trainable, str) else list(trainable),
-                                 OmegaConf.to_container(bb.stages))
-    frozen_bn = apply_freezing(net, prefixes)
-    loss = build_loss(cfg.loss.name, class_counts, cfg.loss.get("weights"), cfg.loss.get("gamma", 2.0))
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+def build_module(cfg: DictConfig, class_counts: tuple[int, int]):
+    """The detector family's LightningModule (conf/detector/), with the meta that rebuilds it."""
     geometry = build_input(cfg)
     inp = cfg.get("input") or {}
     aggregate = OmegaConf.to_container(inp.aggregate, resolve=True) if inp.get("aggregate") else None
-    meta = {"family": DefectClassifier.family, "backbone": bb.name, "image_size": cfg.data.image_size,
+    name = detector_name(cfg)
+    meta = {"family": name, "backbone": cfg.backbone.name, "image_size": cfg.data.image_size,
             "input": geometry.meta(), **({"aggregate": aggregate} if aggregate else {})}
     meta = OmegaConf.to_container(OmegaConf.create(meta), resolve=True)
-    return DefectClassifier(net, loss, instantiate(cfg.optimizer), scheduler,
-                            frozen_bn if cfg.freezing.bn_eval else (), bb.mean, bb.std,
-                            channels_last=bool(bb.get("channels_last", False)), meta=meta,
-                            fold_batchnorm=bool(bb.get("fold_batchnorm", False)), aggregate=aggregate,
-                            tile_loss_weight=float(inp.get("tile_loss_weight", 0) or 0),
-                            tile_min_pixels=int(inp.get("tile_min_pixels", 1) or 1))
+    return family(name).build_module(cfg, class_counts, meta)
+
+
+def detector_name(cfg: DictConfig) -> str:
+    return str((cfg.get("detector") or {}).get("name", "classifier"))
 
 
 def build_logger(cfg: DictConfig, run_id: str | None = None):
@@ -127,7 +118,8 @@ def train(cfg: DictConfig) -> dict:
     logger = build_logger(cfg, run_id=resume.run_id)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c] + [RngStateCallback()]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
-                                      plugins=[AtomicCheckpointIO()])
+                                      plugins=[AtomicCheckpointIO()],
+                                      **family(detector_name(cfg)).trainer)
     # after the Trainer: only then is this process's DDP rank known (other nodes' first process
     # looks like rank 0 before). Rank 0 alone logs params, artifacts and the model.
     check_launch(trainer)  # DDP processes must come from the CLI, torchrun or SLURM
@@ -187,7 +179,7 @@ def _log_setup(tracker: RunTracker, cfg: DictConfig, split) -> None:
         tracker.set_tags({"warning": "; ".join(split.notes)})
 
 
-def _log_results(tracker: RunTracker, cfg: DictConfig, module: DefectClassifier, choice, best: str,
+def _log_results(tracker: RunTracker, cfg: DictConfig, module: DetectorModule, choice, best: str,
                  datamodule: DefectDataModule) -> None:
     """Everything logged after test: module.outputs[stage] holds p_defect/label/index, and
     datamodule.records(stage)[index] is the record behind each score."""
@@ -210,8 +202,8 @@ def _log_results(tracker: RunTracker, cfg: DictConfig, module: DefectClassifier,
                                  image_size=module.meta["image_size"], mean=cfg.backbone.mean,
                                  std=cfg.backbone.std, threshold=choice.value,
                                  threshold_policy=choice.policy, temperature=float(module.temperature),
-                                 extra={k: module.meta[k] for k in ("family", "input", "aggregate")
-                                        if k in module.meta})
+                                 extra={k: v for k, v in module.meta.items()
+                                        if k not in ("backbone", "image_size")})
             with fluent_tracking_uri(tracker.tracking_uri), mlflow.start_run(run_id=tracker.run_id):
                 log_pyfunc(bundle)
     log_gradcam(tracker, cfg, module, datamodule, stage="test")

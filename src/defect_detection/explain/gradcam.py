@@ -159,23 +159,72 @@ def load_mask(path: str | Path, size: int) -> torch.Tensor:
     return binary if binary.any() else values > 0
 
 
-def geometry_cams(net: nn.Module, layer: str | nn.Module, images: list[torch.Tensor], geometry, *,
+def native_maps(net: nn.Module, images: torch.Tensor, batch_size: int = 16) -> CamResult:
+    """A family's own map (net.anomaly_map: PatchCore's patch distances), each scaled to [0, 1]
+    like Grad-CAM's, with p_defect from the same network."""
+    device = next(net.parameters()).device
+    maps, probs = [], []
+    seconds = 0.0
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                x = images[start:start + batch_size].to(device, torch.float32)
+                began = time.perf_counter()
+                m = net.anomaly_map(x).float()
+                m = m - m.flatten(1).amin(1).view(-1, 1, 1)
+                maps.append(normalise_maps(m).cpu())
+                seconds += time.perf_counter() - began
+                probs.append(net(x).float().softmax(1)[:, DEFECT].cpu())
+    finally:
+        net.train(was_training)
+    if not maps:
+        empty = torch.empty(0, *images.shape[-2:])
+        return CamResult(empty, torch.empty(0), torch.empty(0, dtype=torch.long), 0.0)
+    p = torch.cat(probs)
+    return CamResult(torch.cat(maps), p, torch.full_like(p, DEFECT, dtype=torch.long), seconds)
+
+
+def map_method(net: nn.Module, method: str = "auto") -> str:
+    """Which map a run shows: explain.method, `auto` = the family's own (PatchCore: its anomaly
+    map; the classifier: Grad-CAM)."""
+    own = "anomaly_map" if hasattr(net, "anomaly_map") else "gradcam"
+    method = own if method in (None, "", "auto") else str(method)
+    if method not in ("gradcam", "anomaly_map"):
+        raise UserError(f"explain.method={method}: use auto, gradcam or anomaly_map.")
+    if method == "anomaly_map" and own != "anomaly_map":
+        raise UserError("explain.method=anomaly_map needs a detector with its own map (detector=patchcore); "
+                        "the classifier's map is gradcam.")
+    if method == "gradcam" and own == "anomaly_map":
+        raise UserError("explain.method=gradcam needs a trained classifier; detector=patchcore shows its "
+                        "anomaly_map (explain.method=auto).")
+    return method
+
+
+def geometry_cams(net: nn.Module, layer: str | nn.Module | None, images: list[torch.Tensor], geometry, *,
                   target: str | int = "defect", threshold: float = 0.5, batch_size: int = 16,
-                  temperature: float = 1.0) -> tuple[list[torch.Tensor], float]:
-    """Grad-CAM maps of prepared, normalised images (each 3 x H x W) under an input geometry:
-    one map per image over its prepared pixels (tiles: each tile's map, stitched with overlaps
-    averaged). Returns (maps, seconds)."""
+                  temperature: float = 1.0, method: str = "auto") -> tuple[list[torch.Tensor], float]:
+    """Maps of prepared, normalised images (each 3 x H x W) under an input geometry: one map per
+    image over its prepared pixels (tiles: each tile's map, stitched with overlaps averaged).
+    method: gradcam, anomaly_map or auto (the family's own). Returns (maps, seconds)."""
+    method = map_method(net, method)
+
+    def maps_of(x: torch.Tensor) -> CamResult:
+        if method == "anomaly_map":
+            return native_maps(net, x, batch_size)
+        return compute_cams(net, layer, x, target=target, threshold=threshold, batch_size=batch_size,
+                            temperature=temperature)
+
     if geometry.name != "tiles":
         if not images:
             return [], 0.0
-        result = compute_cams(net, layer, torch.stack(images), target=target, threshold=threshold,
-                              batch_size=batch_size, temperature=temperature)
+        result = maps_of(torch.stack(images))
         return list(result.maps), result.seconds
     tiles = [geometry.cut(im) for im in images]
     if not tiles:
         return [], 0.0
-    result = compute_cams(net, layer, torch.cat(tiles), target=target, threshold=threshold,
-                          batch_size=batch_size, temperature=temperature)
+    result = maps_of(torch.cat(tiles))
     maps, start = [], 0
     for im, t in zip(images, tiles):
         stitched = geometry.stitch(result.maps[start:start + len(t)], tuple(im.shape[-2:]))

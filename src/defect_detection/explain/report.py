@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from defect_detection import CLASS_NAMES, DEFECT
 from defect_detection.data.cache import prepared_mask
 from defect_detection.data.geometry import header_hw
-from defect_detection.explain.gradcam import geometry_cams
+from defect_detection.explain.gradcam import geometry_cams, map_method
 from defect_detection.explain.localisation import localisation_scores
 from defect_detection.explain.overlay import denormalise, gallery, overlay, save_png
 
@@ -44,7 +44,8 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
     outputs = module.outputs.get(stage)
     if not tracker.enabled or not ecfg or not ecfg.get("enabled", True) or not outputs:
         return {}
-    if not cfg.backbone.get("gradcam_layer"):
+    method = map_method(module.net, ecfg.get("method", "auto"))
+    if method == "gradcam" and not cfg.backbone.get("gradcam_layer"):
         log.warning("backbone %s names no gradcam_layer: Grad-CAM skipped (add e.g. gradcam_layer: "
                     "net.layer4 to its config)", cfg.backbone.get("name"))
         return {}
@@ -54,10 +55,11 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
     temperature = float(getattr(module, "temperature", 1.0))  # "predicted" decides as the test did
     groups, wrong, masked = _select(records, p, threshold, int(ecfg.n_per_group), ecfg.get("max_images"))
     shown = list(dict.fromkeys([i for g in groups.values() for i in g] + wrong))
-    target, layer, bs = str(ecfg.target), str(cfg.backbone.gradcam_layer), int(ecfg.batch_size)
+    target, layer, bs = str(ecfg.target), str(cfg.backbone.get("gradcam_layer")), int(ecfg.batch_size)
     mean, std = list(cfg.backbone.mean), list(cfg.backbone.std)
 
     timing = [0.0, 0]  # seconds, maps
+    what = f"Grad-CAM ({target} class)" if method == "gradcam" else "anomaly map (patch distances)"
 
     geometry = datamodule.geometry
     sizes = getattr(datamodule, "sizes", None) or {}
@@ -76,7 +78,7 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
             return {}
         maps, secs = geometry_cams(module.net, layer, [dataset[i][0] for i in indices], geometry,
                                    target=explained, threshold=threshold, batch_size=bs,
-                                   temperature=temperature)
+                                   temperature=temperature, method=method)
         timing[0], timing[1] = timing[0] + secs, timing[1] + len(indices)
         return {i: content(i, m) for i, m in zip(indices, maps)}
 
@@ -124,21 +126,23 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
             cells = [i for g in groups.values() for i in g + [None] * (ncols - len(g))]
             fig = gallery([tiles[i] if i is not None else None for i in cells],
                           [caption(i) if i is not None else "" for i in cells], ncols=ncols,
-                          title=f"Grad-CAM ({target} class) on {stage} defects, white: ground-truth mask")
+                          title=f"{what} on {stage} defects, white: ground-truth mask")
             tracker.log_figure(fig, "gradcam/gallery_defects.png")
         if wrong:
             fig = gallery([tiles[i] for i in wrong],
                           [f"{caption(i)} -> {CLASS_NAMES[int(p[i] >= threshold)]}" for i in wrong],
                           ncols=6, title=f"Misclassified on {stage} at threshold {threshold:.3f} "
-                                         f"(Grad-CAM, {target} class)")
+                                         f"({what})")
             tracker.log_figure(fig, "gradcam/gallery_misclassified.png")
         if rows:
             tracker.log_table_csv(pd.DataFrame(rows), "gradcam/localisation.csv")
     tracker.log_metrics(metrics)
-    tracker.log_dict({"stage": stage, "layer": layer, "target": target, "localisation_target": "defect",
+    tracker.log_dict({"stage": stage, "method": method,
+                      "layer": layer if method == "gradcam" else None, "target": target,
+                      "localisation_target": "defect",
                       "threshold": threshold, "n_gallery_defects": sum(map(len, groups.values())),
                       "n_misclassified": len(wrong), "n_masked": len(masked), "metrics": metrics},
                      "gradcam/summary.json")
-    log.info("Grad-CAM on %s: %d maps, %s", stage, n_maps,
+    log.info("%s on %s: %d maps, %s", what, stage, n_maps,
              ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) or "no metrics")
     return metrics

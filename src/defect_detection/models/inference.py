@@ -19,8 +19,8 @@ from defect_detection import CLASS_NAMES, UserError
 from defect_detection.data.geometry import Geometry, Square, build_geometry, size_hw
 from defect_detection.data.images import load_rgb
 from defect_detection.models.aggregation import image_logits
-from defect_detection.models.backbones import build_network
 from defect_detection.models.batchnorm_folding import fold_batchnorm
+from defect_detection.models.families import family
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class Predictor(BasePredictor):
     def __init__(self, bundle_path: str | Path, device: str = "cpu", batch_size: int = 32,
                  channels_last: bool = True, bf16: bool = False, fold_batchnorm: bool = True) -> None:
         self.meta, state = _read_bundle(bundle_path)
-        self.net = build_network(self.meta["backbone"], pretrained=False)
+        self.net = family(self.meta.get("family", "classifier")).build_net(self.meta)
         self.net.load_state_dict(state, strict=True)
         self.device = torch.device(device)
         self.net.to(self.device).eval()
