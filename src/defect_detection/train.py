@@ -40,6 +40,7 @@ from defect_detection.tracking.mlflow_run import (
 )
 from defect_detection.tracking.pyfunc import log_pyfunc
 from defect_detection.tracking.resume import continue_run, note_stopped, prepare_resume, tag_checkpoint_dir
+from defect_detection.tracking.summary import log_run_summary
 from defect_detection.tracking.sweeps import in_multirun, record_failed_trial, sweep_tags, trial_run_name
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def train(cfg: DictConfig) -> dict:
              val_metrics.get("val/auroc", float("nan")), test_metrics.get("test/auroc", float("nan")),
              test_metrics.get("test/recall", float("nan")), test_metrics.get("test/fp", -1),
              choice.value, choice.policy)
+    log_run_summary(tracker, test_metrics, choice)
     return result
 
 
