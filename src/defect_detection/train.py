@@ -29,6 +29,7 @@ from defect_detection.models.freezing import apply_freezing, resolve_trainable
 from defect_detection.models.inference import save_bundle
 from defect_detection.models.losses import build_loss
 from defect_detection.models.module import DefectClassifier
+from defect_detection.reports.html import log_html_report
 from defect_detection.schema import validate_train_config
 from defect_detection.tracking.mlflow_run import (
     RunTracker,
@@ -132,6 +133,7 @@ def train(cfg: DictConfig) -> dict:
         result = {"val": val_metrics, "test": test_metrics, "threshold": choice.value,
                   "run_id": tracker.run_id, "best_checkpoint": best}
         _log_results(tracker, cfg, module, choice, best, datamodule)
+        report_uri = log_html_report(tracker)  # report.html from the artifacts just logged
         tracker.finish("FINISHED")
     except BaseException as err:
         note_stopped(tracker, trainer, err)  # logs/tags the resume command when a last.ckpt exists
@@ -141,7 +143,7 @@ def train(cfg: DictConfig) -> dict:
              val_metrics.get("val/auroc", float("nan")), test_metrics.get("test/auroc", float("nan")),
              test_metrics.get("test/recall", float("nan")), test_metrics.get("test/fp", -1),
              choice.value, choice.policy)
-    log_run_summary(tracker, test_metrics, choice)
+    log_run_summary(tracker, test_metrics, choice, report_uri)
     return result
 
 
