@@ -68,6 +68,11 @@ def test_evaluate_bundle_writes_tagged_run_and_local_report(bundle):
     assert {f"reports/{f}" for f in ("predictions.csv", "summary.json", "confusion_matrix.png")} <= logged
     assert (cfg.model in run.data.params["model"]) and "config.yaml" in {
         a.path for a in _tracking(cfg).list_artifacts(run.info.run_id)}
+    page = Path(_tracking(cfg).download_artifacts(run.info.run_id, "report.html", str(root / "page")))
+    html = page.read_text()
+    assert result["report_uri"].endswith("/report.html")
+    assert "Evaluation" in html and 'id="threshold">0.3700<' in html and str(path.resolve()) in html
+    assert "Not in this run: data/" in html  # defect-eval logs no data summary: a note, not an error
 
 
 def test_evaluate_mlflow_model_uri_is_tagged_with_its_run(bundle):

@@ -92,7 +92,8 @@ def test_bad_working_size_names_data_image_size():
 
 def test_a_tile_larger_than_the_scaled_image_names_the_file_and_the_fix(tmp_path):
     g = build_geometry({"name": "tiles", "tile_size": 256, "overlap": 32, "scale": 0.5}, 224)
-    with pytest.raises(UserError, match=r"input\.tile_size=\[256, 256\] is larger than part\.png.*input\.scale"):
+    expected = r"input\.tile_size=\[256, 256\] is larger than part\.png.*input\.scale"
+    with pytest.raises(UserError, match=expected):
         g.check_image((300, 4096), "part.png")
     g.check_image((512, 4096), "ok.png")
 

@@ -157,5 +157,6 @@ def test_predict_command_line(champion, synthetic_root, tmp_path):
     n_images = len(list((synthetic_root / "disc/test/good").glob("*.png")))
     assert len(pd.read_csv(tmp_path / "p.csv")) == n_images
     proc = subprocess.run([sys.executable, "-m", "defect_detection.predict", f"paths.root_dir={root}",
-                           f"images={tmp_path}/nowhere"], env=env, capture_output=True, text=True, timeout=300)
+                           f"images={tmp_path}/nowhere"], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: Input")

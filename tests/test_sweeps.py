@@ -131,7 +131,9 @@ def test_compare_command_saves_csv_and_figure_and_logs_them_to_the_sweep(fake_sw
     assert (tmp_path / "cmp" / "comparison.csv").is_file()
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
-    assert logged == {"comparison/comparison.csv", "comparison/comparison.png"}
+    assert logged == {"comparison/comparison.csv", "comparison/comparison.png", "comparison/comparison.html"}
+    page = (tmp_path / "cmp" / "comparison.html").read_text()
+    assert runs[1].info.run_id in page and "test/recall" in page and "data:image/png;base64," in page
     assert "test/recall" in capsys.readouterr().out
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -41,6 +41,24 @@ def test_run_is_finished_with_params_metrics_and_artifacts(trained):
     assert "efficientnet_lite0" in open(config_text).read()
 
 
+def test_run_logs_a_self_contained_report_html(trained, tmp_path):
+    import re
+
+    cfg, result = trained
+    client = MlflowClient(cfg.logger.tracking_uri)
+    html = open(client.download_artifacts(result["run_id"], "report.html", str(tmp_path))).read()
+    run = client.get_run(result["run_id"])
+    assert result["run_id"] in html and run.data.tags["git_commit"] in html
+    assert f'id="kpi-auroc"><b>{run.data.metrics["test/auroc"]:.4f}<' in html
+    assert f'id="threshold">{result["threshold"]:.4f}<' in html
+    for section in ('id="warnings"', 'id="decision"', 'id="curves"', 'id="sweep"', 'id="calibration"',
+                    'id="groups"', 'id="data"', 'id="maps"', 'id="errors"', 'id="config"'):
+        assert section in html, section
+    assert "Not in this run" not in html  # a training run has every section
+    assert "<script" not in html and not re.search(r'(src|href)="(https?:)?//', html)
+    assert len(re.findall(r'src="data:image/', html)) >= 12  # reports, data previews, Grad-CAM galleries
+
+
 def test_logged_model_predicts_any_batch_size_with_the_logged_threshold(trained, synthetic_root):
     cfg, result = trained
     mlflow.set_tracking_uri(cfg.logger.tracking_uri)

@@ -19,3 +19,12 @@ def project_root() -> Path:
         if (parent / "conf" / "train.yaml").is_file():
             return parent
     return Path.cwd()
+
+
+def _quiet() -> None:
+    from defect_detection.quiet import quiet_third_party
+
+    quiet_third_party()  # three known third-party messages, filtered by message and module
+
+
+_quiet()

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR, exit_on_user_error
+from defect_detection.reports.html import comparison_cards, render_comparison
 from defect_detection.tracking.comparison import (
     ROLE_TAG,
     comparison_table,
@@ -49,14 +50,17 @@ def compare(cfg: DictConfig) -> pd.DataFrame:
     title = f"{cfg.experiment_name}" + (f" / sweep {sweep_id}" if sweep_id else "") + \
         f": {len(table)} runs by {cfg.metric} ({cfg.direction})"
     print_table(table, title, cfg.get("top"))
+    html_path = csv_path.with_suffix(".html")  # the same table, the chart and a card per run
+    page = render_comparison(table, cfg.metric, title, png_path, comparison_cards(client, table))
+    html_path.write_text(page, encoding="utf-8")
     if cfg.log_to_mlflow:
         tracker = _comparison_tracker(client, experiment.experiment_id, parent, cfg)
-        for path in (csv_path, png_path):
+        for path in (csv_path, png_path, html_path):
             tracker.log_artifact(path, "comparison")
         if parent is None:
             tracker.finish("FINISHED")
         log.info("Logged the comparison to MLflow run %s (artifacts/comparison/)", tracker.run_id)
-    log.info("Saved %s and %s", csv_path, png_path)
+    log.info("Saved %s, %s and %s", csv_path, png_path, html_path)
     return table
 
 

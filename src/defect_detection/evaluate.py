@@ -25,6 +25,7 @@ from defect_detection.data.records import ImageRecord, check_records, records_fr
 from defect_detection.evaluation.reports import prediction_table, write_report
 from defect_detection.evaluation.thresholds import ThresholdChoice
 from defect_detection.models.inference import Predictor, load_predictor
+from defect_detection.reports.html import log_html_report
 from defect_detection.tracking.mlflow_run import (
     RunTracker,
     artifact_uri,
@@ -147,6 +148,7 @@ def evaluate(cfg: DictConfig) -> dict:
         summary = write_report(table, choice, out_dir=report_dir, tracker=tracker, prefix=f"{cfg.subset}/",
                                leaky=leaky, temperature=float(predictor.meta.get("temperature", 1.0)),
                                context=context, log_core_metrics=True)
+        report_uri = log_html_report(tracker)
         tracker.finish("FINISHED")
     except BaseException as err:
         tracker.fail(err)
@@ -154,7 +156,10 @@ def evaluate(cfg: DictConfig) -> dict:
     m = summary["metrics"]
     log.info("%s on %d images: auroc %.4f recall %.4f fp %d fn %d at threshold %.4f; report in %s",
              cfg.subset, len(table), m["auroc"], m["recall"], m["fp"], m["fn"], threshold, report_dir)
-    return {"run_id": tracker.run_id, "metrics": m, "report_dir": str(report_dir), "summary": summary}
+    if report_uri:
+        log.info("report.html: %s", report_uri)
+    return {"run_id": tracker.run_id, "metrics": m, "report_dir": str(report_dir), "summary": summary,
+            "report_uri": report_uri}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -29,6 +29,7 @@ from defect_detection.models.checkpointing import AtomicCheckpointIO, RngStateCa
 from defect_detection.models.families import family
 from defect_detection.models.inference import save_bundle
 from defect_detection.models.module import DetectorModule
+from defect_detection.reports.html import log_html_report
 from defect_detection.schema import validate_train_config
 from defect_detection.tracking.mlflow_run import (
     RunTracker,
@@ -40,6 +41,7 @@ from defect_detection.tracking.mlflow_run import (
 )
 from defect_detection.tracking.pyfunc import log_pyfunc
 from defect_detection.tracking.resume import continue_run, note_stopped, prepare_resume, tag_checkpoint_dir
+from defect_detection.tracking.summary import log_run_summary
 from defect_detection.tracking.sweeps import in_multirun, record_failed_trial, sweep_tags, trial_run_name
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,7 @@ def train(cfg: DictConfig) -> dict:
         result = {"val": val_metrics, "test": test_metrics, "threshold": choice.value,
                   "run_id": tracker.run_id, "best_checkpoint": best}
         _log_results(tracker, cfg, module, choice, best, datamodule)
+        report_uri = log_html_report(tracker)  # report.html from the artifacts just logged
         tracker.finish("FINISHED")
     except BaseException as err:
         note_stopped(tracker, trainer, err)  # logs/tags the resume command when a last.ckpt exists
@@ -161,6 +164,7 @@ def train(cfg: DictConfig) -> dict:
              val_metrics.get("val/auroc", float("nan")), test_metrics.get("test/auroc", float("nan")),
              test_metrics.get("test/recall", float("nan")), test_metrics.get("test/fp", -1),
              choice.value, choice.policy)
+    log_run_summary(tracker, test_metrics, choice, report_uri)
     return result
 
 

@@ -1,0 +1,1 @@
+"""Self-contained HTML pages (report.html per run, a comparison page) rendered with Jinja2."""
