@@ -20,6 +20,7 @@ from defect_detection.tracking.registry import (
     best_candidate,
     find_candidates,
     promote,
+    resolve_direction,
 )
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,26 @@ def choose(cfg: DictConfig, client: MlflowClient) -> Candidate:
     if cfg.get("run_id") and not candidates:
         raise UserError(f"Run {cfg.run_id} is not a candidate: it must be FINISHED, in experiment "
                         f"'{cfg.experiment_name}', have logged a model and a '{cfg.metric}' value.")
-    tie_break = [TieBreak(t["metric"], t.get("direction", "max")) for t in cfg.get("tie_break") or []]
-    return best_candidate(candidates, cfg.metric, cfg.direction, tie_break, cfg.get("prefer", "newer"))
+    return best_candidate(candidates, cfg.metric, direction(cfg), tie_breaks(cfg), cfg.get("prefer", "newer"))
+
+
+def direction(cfg: DictConfig) -> str:
+    """cfg.direction, or the metric's known direction when unset (unknown metrics need one)."""
+    return resolve_direction(cfg.metric, cfg.get("direction"))
+
+
+def tie_breaks(cfg: DictConfig) -> list[TieBreak]:
+    return [TieBreak(t["metric"], resolve_direction(t["metric"], t.get("direction")))
+            for t in cfg.get("tie_break") or []]
 
 
 def run_promotion(cfg: DictConfig) -> Promotion:
+    direction(cfg), tie_breaks(cfg)  # a metric without a known direction fails before any search
     client = MlflowClient(cfg.tracking_uri)
     candidate = choose(cfg, client)
-    tie_break = [TieBreak(t["metric"], t.get("direction", "max")) for t in cfg.get("tie_break") or []]
     try:
         result = promote(client, candidate, name=cfg.registered_model_name, metric=cfg.metric,
-                         direction=cfg.direction, tie_break=tie_break, alias=cfg.alias,
+                         direction=direction(cfg), tie_break=tie_breaks(cfg), alias=cfg.alias,
                          previous_alias=cfg.previous_alias, force=cfg.force, dry_run=cfg.dry_run)
     except MlflowException as err:
         raise UserError(f"MLflow registry at {cfg.tracking_uri}: {err.message}") from err

@@ -1,0 +1,56 @@
+"""The probe of issue 17 (bad inputs and misuses a new user tried), one test per case, on tiny data.
+
+Each test failed before its fix; together they keep the README's reliability table true.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+from defect_detection import UserError
+from defect_detection.config import CONFIG_DIR
+from tests.test_promote import make_bundle, make_run, tracking_uri
+
+
+def _promote_cfg(root: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("promote", overrides=[f"paths.root_dir={root}", *overrides])
+
+
+# -- 1. promotion knows which way is better ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loss_store(tmp_path_factory):
+    """Two finished runs with models: `good` has the lower val/loss, `bad` the higher one."""
+    root = tmp_path_factory.mktemp("probe_promote")
+    bundle = make_bundle(root / "bundle.pt")
+    good = make_run(root, {"val/auroc": 0.9, "val/loss": 0.2, "test/threshold": 0.4}, bundle=bundle)
+    bad = make_run(root, {"val/auroc": 0.8, "val/loss": 0.9, "test/threshold": 0.6}, bundle=bundle)
+    return root, good, bad
+
+
+def test_promote_on_a_loss_picks_the_lowest_and_refuses_a_higher_one(loss_store):
+    from defect_detection.promote import run_promotion
+    from defect_detection.tracking.registry import PromotionRefused
+
+    root, good, bad = loss_store
+    result = run_promotion(_promote_cfg(root, "metric=val/loss", "registered_model_name=loss-line"))
+    assert result.run_id == good and result.tags["direction"] == "min"
+    with pytest.raises(PromotionRefused, match="worse than the current champion"):
+        run_promotion(_promote_cfg(root, "metric=val/loss", "registered_model_name=loss-line",
+                                   f"run_id={bad}"))
+    client = MlflowClient(tracking_uri(root))
+    champion = client.get_model_version_by_alias("loss-line", "champion")
+    assert champion.run_id == good and champion.tags["forced"] == "false"
+    # a metric without a better side needs direction=; a contradicting direction is refused
+    with pytest.raises(UserError, match=r"metric=test/threshold: its better side is not known.*direction="):
+        run_promotion(_promote_cfg(root, "metric=test/threshold", "registered_model_name=t-line"))
+    with pytest.raises(UserError, match="direction=max contradicts metric=val/loss: lower is better"):
+        run_promotion(_promote_cfg(root, "metric=val/loss", "direction=max", "registered_model_name=x"))
+    explicit = run_promotion(_promote_cfg(root, "metric=test/threshold", "direction=max",
+                                          "registered_model_name=t-line"))
+    assert explicit.run_id == bad
