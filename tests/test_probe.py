@@ -5,15 +5,27 @@ Each test failed before its fix; together they keep the README's reliability tab
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
+from pytorch_lightning.callbacks import Callback
 
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
+from defect_detection.train import train
 from tests.test_promote import make_bundle, make_run, tracking_uri
+from tests.test_resume import _cfg
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> dict[str, Path]:
+    """One MLflow store and one synthetic dataset for the training runs of this module (test_resume._cfg)."""
+    base = tmp_path_factory.mktemp("probe")
+    return {"mlruns": base / "mlruns", "data": base / "data", "base": base}
 
 
 def _promote_cfg(root: Path, *overrides: str):
@@ -54,3 +66,35 @@ def test_promote_on_a_loss_picks_the_lowest_and_refuses_a_higher_one(loss_store)
     explicit = run_promotion(_promote_cfg(root, "metric=test/threshold", "direction=max",
                                           "registered_model_name=t-line"))
     assert explicit.run_id == bad
+
+
+# -- 3. SIGTERM ends training non-zero, KILLED, with the signal named and the resume hint -----------
+
+class SigtermAt(Callback):
+    """Sends this process a real SIGTERM (what timeout, SLURM and Kubernetes send) at `epoch`."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_exits_143_kills_the_run_and_keeps_the_resume_hint(shared, caplog):
+    handler = signal.getsignal(signal.SIGTERM)
+    cfg = _cfg(shared, "sigterm", "trainer.max_epochs=2", "experiment_name=probe-sigterm",
+               "+callbacks.stop={_target_:tests.test_probe.SigtermAt,epoch:1}")
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert stop.value.code == 143
+    client = MlflowClient(cfg.logger.tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("probe-sigterm").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "stopped by SIGTERM"
+    assert (Path(run.data.tags["checkpoint_dir"]) / "last.ckpt").is_file()
+    assert run.data.tags["resume_with"].startswith("defect-train ckpt_path=last resume_run_id=")
+    assert "Training stopped (SIGTERM). Resume with: defect-train" in caplog.text
+    assert "Ctrl-C" not in caplog.text

@@ -37,6 +37,7 @@ from defect_detection.tracking.mlflow_run import (
     flatten,
     fluent_tracking_uri,
     git_commit,
+    stop_signal,
 )
 from defect_detection.tracking.pyfunc import log_pyfunc
 from defect_detection.tracking.resume import continue_run, note_stopped, prepare_resume, tag_checkpoint_dir
@@ -135,6 +136,8 @@ def train(cfg: DictConfig) -> dict:
     except BaseException as err:
         note_stopped(tracker, trainer, err)  # logs/tags the resume command when a last.ckpt exists
         tracker.fail(err)
+        if stop_signal(err) == "SIGTERM":  # Lightning's SIGTERMException would exit 0: 128 + 15
+            raise SystemExit(143) from err
         raise
     log.info("val/auroc %.4f | test: auroc %.4f recall %.4f fp %d at threshold %.4f (%s on val)",
              val_metrics.get("val/auroc", float("nan")), test_metrics.get("test/auroc", float("nan")),

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from defect_detection import UserError
-from defect_detection.tracking.mlflow_run import RunTracker, ensure_local_store, flatten
+from defect_detection.tracking.mlflow_run import RunTracker, ensure_local_store, flatten, stop_signal
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,7 @@ def note_stopped(tracker: RunTracker, trainer, error: BaseException) -> None:
         if callback is None or not callback.dirpath or isinstance(error, UserError):
             return
         last = Path(callback.dirpath) / LAST
-        # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown
-        why = "Ctrl-C" if isinstance(error, (KeyboardInterrupt, SystemExit)) else type(error).__name__
+        why = stop_signal(error) or type(error).__name__
         if not last.is_file():
             log.warning("Training stopped (%s) before its first epoch ended: no %s to resume from.",
                         why, last)
