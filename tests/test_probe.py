@@ -9,14 +9,19 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
+from PIL import Image
 from pytorch_lightning.callbacks import Callback
 
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
+from defect_detection.predict import predict
 from defect_detection.train import train
+from tests.test_predict_serve import predict_cfg
 from tests.test_promote import make_bundle, make_run, tracking_uri
 from tests.test_resume import _cfg
 
@@ -98,3 +103,51 @@ def test_sigterm_exits_143_kills_the_run_and_keeps_the_resume_hint(shared, caplo
     assert run.data.tags["resume_with"].startswith("defect-train ckpt_path=last resume_run_id=")
     assert "Training stopped (SIGTERM). Resume with: defect-train" in caplog.text
     assert "Ctrl-C" not in caplog.text
+
+
+# -- 4. defect-predict refuses symlinks per input, names every input, fails when all fail -------------
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("probe_bundle") / "bundle.pt", threshold=0.45)
+
+
+def _png(path: Path, value: int = 128) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((40, 40, 3), value, np.uint8)).save(path)
+    return path
+
+
+def test_predict_gives_every_input_a_row_and_refuses_links_out_of_the_folder(bundle, tmp_path):
+    folder = tmp_path / "parts"
+    _png(folder / "a.png")
+    _png(folder / "sub" / "b.png", 30)
+    secret = _png(tmp_path / "elsewhere" / "secret.png")
+    (folder / "leak.png").symlink_to(secret)
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "gone.png").symlink_to(folder / "missing.png")
+    table = predict(predict_cfg(tmp_path, f"model={bundle}", f"input={folder}"))
+    by_name = {Path(p).name: row for p, row in zip(table["path"], table.itertuples())}
+    assert sorted(by_name) == ["a.png", "b.png", "gone.png", "leak.png", "loop.png"]
+    assert str(secret) not in set(table["path"]) and str(folder / "leak.png") in set(table["path"])
+    assert by_name["a.png"].decision in ("good", "defect") and by_name["b.png"].decision in ("good", "defect")
+    assert by_name["leak.png"].decision == "error" and "outside the input root" in by_name["leak.png"].error
+    for name in ("loop.png", "gone.png"):
+        assert by_name[name].decision == "error" and "broken symlink or a symlink loop" in by_name[name].error
+    assert len(pd.read_csv(tmp_path / "out" / "predictions.csv")) == 5
+    with pytest.raises(UserError, match="gone.png is a broken symlink"):  # the first refused
+        predict(predict_cfg(tmp_path, f"model={bundle}", f"input={folder}", "on_error=fail"))
+
+
+def test_predict_fails_when_every_input_failed(bundle, tmp_path):
+    folder = tmp_path / "links"
+    folder.mkdir()
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(UserError, match=r"All 3 input\(s\) failed"):
+        predict(predict_cfg(tmp_path, f"model={bundle}",
+                            f"input=[{folder},{tmp_path}/text.png,{tmp_path}/nowhere]"))
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert list(table["path"]) == [str(folder / "loop.png"), str(tmp_path / "text.png"),
+                                   str(tmp_path / "nowhere")]
+    assert (table["decision"] == "error").all() and table["error"].notna().all()
