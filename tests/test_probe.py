@@ -21,6 +21,7 @@ from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
 from defect_detection.predict import predict
 from defect_detection.train import train
+from tests.conftest import compose_train
 from tests.test_predict_serve import predict_cfg
 from tests.test_promote import make_bundle, make_run, tracking_uri
 from tests.test_resume import _cfg
@@ -151,3 +152,48 @@ def test_predict_fails_when_every_input_failed(bundle, tmp_path):
     assert list(table["path"]) == [str(folder / "loop.png"), str(tmp_path / "text.png"),
                                    str(tmp_path / "nowhere")]
     assert (table["decision"] == "error").all() and table["error"].notna().all()
+
+
+# -- 8. a split with one class: stop up front, or NaN metrics, a tag and no promotion -----------------
+
+def _one_class_folder(root: Path, n_good: int = 10, n_defect: int = 2) -> Path:
+    """good/ and defect/crack/ with so few defects that none reaches val or test."""
+    for i in range(n_good):
+        _png(root / "good" / f"{i}.png", 40 + 10 * i)
+    for i in range(n_defect):
+        _png(root / "defect" / "crack" / f"{i}.png", 250 - 5 * i)
+    return root
+
+
+def _folder_cfg(tmp_path: Path, *overrides: str):
+    data = _one_class_folder(tmp_path / "parts")
+    return compose_train(tmp_path, "data=folder", f"data.root={data}", "data.image_size=32",
+                         "data.batch_size=8", "trainer.max_epochs=1", "callbacks.progress_bar=null",
+                         "explain=none", "log_data_summary=false", *overrides, fast=False)
+
+
+def test_val_without_defects_stops_before_training_saying_how_many_are_needed(tmp_path):
+    cfg = _folder_cfg(tmp_path)  # threshold: max_recall_at_fp, chosen on val
+    with pytest.raises(UserError, match=r"The val split has 2 good and 0 defect images: threshold.policy="
+                                        r"max_recall_at_fp .* at least 3 defect images.*threshold=fixed"):
+        train(cfg)
+    assert not (tmp_path / "outputs" / "checkpoints").exists()  # nothing was trained
+
+
+def test_one_class_splits_log_nan_metrics_with_a_tag_and_are_not_promoted(tmp_path):
+    from defect_detection.promote import run_promotion
+    from defect_detection.tracking.registry import PromotionRefused
+
+    cfg = _folder_cfg(tmp_path, "threshold=fixed")
+    result = train(cfg)
+    client = MlflowClient(cfg.logger.tracking_uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    for name in ("val/auroc", "val/ap", "test/auroc", "test/ap"):
+        assert np.isnan(run.data.metrics[name]), name  # was 0.0
+    assert "test/auroc" in run.data.tags["undefined_metrics"]
+    promote = (f"paths.root_dir={tmp_path}", f"tracking_uri={cfg.logger.tracking_uri}", "metric=val/loss")
+    with pytest.raises(PromotionRefused, match=f"Run {result['run_id']} has undefined metrics"):
+        run_promotion(_promote_cfg(tmp_path, *promote, f"run_id={result['run_id']}"))
+    with pytest.raises(UserError, match="No candidate"):
+        run_promotion(_promote_cfg(tmp_path, *promote))

@@ -36,7 +36,8 @@ def choose(cfg: DictConfig, client: MlflowClient) -> Candidate:
     if cfg.get("run_id"):
         filters = [f"attributes.run_id = '{cfg.run_id}'"]
     query = " AND ".join(filters) or None
-    candidates = find_candidates(client, [experiment.experiment_id], cfg.metric, query)
+    candidates = find_candidates(client, [experiment.experiment_id], cfg.metric, query,
+                                 include_undefined=bool(cfg.get("run_id")))  # named: refused by promote
     if cfg.get("run_id") and not candidates:
         raise UserError(f"Run {cfg.run_id} is not a candidate: it must be FINISHED, in experiment "
                         f"'{cfg.experiment_name}', have logged a model and a '{cfg.metric}' value.")

@@ -19,9 +19,9 @@ from defect_detection.data.transforms import build_eval_transform, build_train_t
 from defect_detection.data.validate import bad_images_frame, screened_records
 from defect_detection.distributed import check_launch
 from defect_detection.evaluation.calibration import calibrate_module
-from defect_detection.evaluation.metrics import separation_margin
+from defect_detection.evaluation.metrics import separation_margin, tag_undefined_metrics
 from defect_detection.evaluation.reports import log_test_report
-from defect_detection.evaluation.thresholds import choose_threshold
+from defect_detection.evaluation.thresholds import check_selection_split, choose_threshold
 from defect_detection.explain.report import log_gradcam
 from defect_detection.models.backbones import build_network
 from defect_detection.models.checkpointing import AtomicCheckpointIO, RngStateCallback
@@ -97,6 +97,7 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     split = datamodule.split
+    check_selection_split(cfg.threshold.policy, split.val, cfg.split)  # both classes on val, up front
     module = build_module(cfg, datamodule.class_counts("train"))
     logger = build_logger(cfg, run_id=resume.run_id)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c] + [RngStateCallback()]
@@ -131,6 +132,7 @@ def train(cfg: DictConfig) -> dict:
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         result = {"val": val_metrics, "test": test_metrics, "threshold": choice.value,
                   "run_id": tracker.run_id, "best_checkpoint": best}
+        tag_undefined_metrics(tracker, {**val_metrics, **test_metrics})  # NaN: a split had one class
         _log_results(tracker, cfg, module, choice, best, datamodule)
         tracker.finish("FINISHED")
     except BaseException as err:

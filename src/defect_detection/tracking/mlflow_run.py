@@ -20,6 +20,9 @@ from defect_detection import project_root
 
 log = logging.getLogger(__name__)
 
+# Run tag listing metrics that are undefined (NaN) because a split held one class; promotion refuses it.
+UNDEFINED_TAG = "undefined_metrics"
+
 
 @contextmanager
 def fluent_tracking_uri(uri: str, registry_uri: str | None = None) -> Iterator[None]:

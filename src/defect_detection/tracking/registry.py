@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from defect_detection import UserError
 from defect_detection.tracking.comparison import metric_value, runs_with_models, sign
-from defect_detection.tracking.mlflow_run import fluent_tracking_uri
+from defect_detection.tracking.mlflow_run import UNDEFINED_TAG, fluent_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,9 @@ class Promotion:
 
 
 def find_candidates(client: MlflowClient, experiment_ids: Sequence[str], metric: str,
-                    filter_string: str | None = None) -> list[Candidate]:
-    """FINISHED runs with a logged model and a value for `metric`."""
+                    filter_string: str | None = None, include_undefined: bool = False) -> list[Candidate]:
+    """FINISHED runs with a logged model and a value for `metric`; runs tagged with undefined
+    metrics (a split held one class) only when include_undefined (promote() then refuses them)."""
     query = "attributes.status = 'FINISHED'" + (f" AND {filter_string}" if filter_string else "")
     runs = client.search_runs(list(experiment_ids), query, max_results=50000)
     models = runs_with_models(client, experiment_ids)
@@ -110,6 +111,10 @@ def find_candidates(client: MlflowClient, experiment_ids: Sequence[str], metric:
     for run in runs:
         model = models.get(run.info.run_id)
         if model is not None and not math.isnan(metric_value(run, metric)):
+            if UNDEFINED_TAG in run.data.tags and not include_undefined:
+                log.warning("Run %s is not a candidate: undefined metrics (%s).", run.info.run_id,
+                            run.data.tags[UNDEFINED_TAG])
+                continue
             out.append(Candidate(run, model.model_id, model.model_uri))
     return out
 
@@ -166,6 +171,12 @@ def promote(client: MlflowClient, candidate: Candidate, *, name: str, metric: st
     """Register the candidate's model and move `alias` to it (see the module docstring)."""
     direction = resolve_direction(metric, direction)
     tie_break = [TieBreak(t.metric, resolve_direction(t.metric, t.direction)) for t in tie_break]
+    undefined = candidate.run.data.tags.get(UNDEFINED_TAG)
+    if undefined and not force:
+        raise PromotionRefused(
+            f"Run {candidate.run_id} has undefined metrics ({undefined}): a val or test split held a "
+            "single class, so its scores say nothing about separating good from defect. Retrain with "
+            "both classes in every split (or pass force=true).")
     value = metric_value(candidate.run, metric)
     threshold = candidate.run.data.metrics.get("test/threshold")
     tags = {"metric": metric, "metric_value": repr(value), "direction": direction, "run_id": candidate.run_id,
