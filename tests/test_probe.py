@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +199,64 @@ def test_one_class_splits_log_nan_metrics_with_a_tag_and_are_not_promoted(tmp_pa
         run_promotion(_promote_cfg(tmp_path, *promote, f"run_id={result['run_id']}"))
     with pytest.raises(UserError, match="No candidate"):
         run_promotion(_promote_cfg(tmp_path, *promote))
+
+
+# -- 9. one line, not a traceback (and never torch's weights_only=False advice) ----------------------
+
+def test_predict_batch_size_zero_is_one_line(bundle, tmp_path):
+    _png(tmp_path / "a.png")
+    with pytest.raises(UserError, match="batch_size=0: use a whole number of images per batch, >= 1"):
+        predict(predict_cfg(tmp_path, f"model={bundle}", f"input={tmp_path / 'a.png'}", "batch_size=0"))
+
+
+def test_weights_path_at_a_non_weights_file_or_another_architecture(tmp_path):
+    import torch
+
+    from defect_detection.models.backbones import build_network
+
+    png = _png(tmp_path / "weights.png")
+    with pytest.raises(UserError, match="weights.png cannot be loaded as a resnet18 weights file .*: "
+                                        "it is not a PyTorch file"):
+        build_network("resnet18", pretrained=True, weights_path=str(png))
+    lite = tmp_path / "lite0.pth"
+    torch.save(build_network("efficientnet_lite0", pretrained=False).state_dict(), lite)
+    with pytest.raises(UserError, match=r"lite0.pth does not hold resnet18 weights: \d+ of its 122 "
+                                        r"tensors missing, \d+ unexpected"):
+        build_network("resnet18", pretrained=True, weights_path=str(lite))
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(UserError, match="holds a list, not efficientnet_lite0 weights"):
+        build_network("efficientnet_lite0", pretrained=True, weights_path=str(tmp_path / "list.pth"))
+
+
+def test_export_checks_the_destination_before_loading_anything(tmp_path):
+    from defect_detection.export import export
+
+    (tmp_path / "file.txt").write_text("a file")
+    missing_model = tmp_path / "not-loaded.pt"  # never opened: the destination is checked first
+    with pytest.raises(UserError, match=r"file.txt is a file, not a folder"):
+        export(str(missing_model), tmp_path / "file.txt" / "sub" / "model.onnx")
+    with pytest.raises(UserError, match=r"-o .*model.onnx cannot be written"):
+        export(str(missing_model), "/proc/defect-probe/model.onnx")
+    with pytest.raises(UserError, match="is a folder"):
+        export(str(missing_model), tmp_path)
+
+
+def test_a_png_as_model_is_one_line_without_unsafe_advice(tmp_path):
+    png = _png(tmp_path / "model.png")
+    message = "model.png cannot be loaded as a model .*: it is not a PyTorch file"
+    with pytest.raises(UserError, match=message) as err:
+        predict(predict_cfg(tmp_path, f"model={png}", f"input={png}"))
+    assert "weights_only" not in str(err.value)
+    proc = subprocess.run([sys.executable, "-m", "defect_detection.predict", f"paths.root_dir={tmp_path}",
+                           f"model={png}", f"input={png}", f"output={tmp_path}/p.csv"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "weights_only" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {png} cannot be loaded as a model")
+
+
+def test_bad_gradcam_layer_fails_before_training(tmp_path):
+    cfg = compose_train(tmp_path, "backbone.gradcam_layer=net.nope", "data.categories=[disc]",
+                        "log_model=false", "log_data_summary=false")
+    with pytest.raises(UserError, match="Grad-CAM layer net.nope"):
+        train(cfg)
+    assert not list((tmp_path / "outputs").rglob("*.ckpt"))  # stopped before the first epoch

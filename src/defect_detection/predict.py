@@ -63,6 +63,8 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     inputs = OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else cfg.input
     entries = input_entries(inputs)  # every input as given; refused links keep a row with the reason
     on_error = cfg.get("on_error", "skip")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise UserError(f"batch_size={cfg.batch_size}: use a whole number of images per batch, >= 1.")
     refused = [(p, why) for p, why in entries if why]
     if refused and on_error == "fail":
         raise UserError(refused[0][1])

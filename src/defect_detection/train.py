@@ -22,7 +22,7 @@ from defect_detection.evaluation.calibration import calibrate_module
 from defect_detection.evaluation.metrics import separation_margin, tag_undefined_metrics
 from defect_detection.evaluation.reports import log_test_report
 from defect_detection.evaluation.thresholds import check_selection_split, choose_threshold
-from defect_detection.explain.report import log_gradcam
+from defect_detection.explain.report import check_gradcam_config, log_gradcam
 from defect_detection.models.backbones import build_network
 from defect_detection.models.checkpointing import AtomicCheckpointIO, RngStateCallback
 from defect_detection.models.freezing import apply_freezing, resolve_trainable
@@ -99,6 +99,7 @@ def train(cfg: DictConfig) -> dict:
     split = datamodule.split
     check_selection_split(cfg.threshold.policy, split.val, cfg.split)  # both classes on val, up front
     module = build_module(cfg, datamodule.class_counts("train"))
+    check_gradcam_config(cfg, module.net)  # a bad backbone.gradcam_layer fails now, not after training
     logger = build_logger(cfg, run_id=resume.run_id)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c] + [RngStateCallback()]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
