@@ -260,3 +260,13 @@ def test_bad_gradcam_layer_fails_before_training(tmp_path):
     with pytest.raises(UserError, match="Grad-CAM layer net.nope"):
         train(cfg)
     assert not list((tmp_path / "outputs").rglob("*.ckpt"))  # stopped before the first epoch
+
+
+# -- 10. smaller ones -----------------------------------------------------------------------------
+
+def test_misplaced_split_fraction_is_an_error_naming_the_right_key(cfg_factory):
+    from defect_detection.schema import validate_train_config
+
+    with pytest.raises(UserError, match=r"split.val_fraction is not read.*set split.make.val_fraction=0.9"):
+        validate_train_config(cfg_factory("+split.val_fraction=0.9"))
+    validate_train_config(cfg_factory("split.make.val_fraction=0.3"))  # the right spelling passes
