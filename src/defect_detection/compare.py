@@ -29,12 +29,14 @@ from defect_detection.tracking.comparison import (
     write_comparison,
 )
 from defect_detection.tracking.mlflow_run import RunTracker
+from defect_detection.tracking.registry import resolve_direction
 
 log = logging.getLogger(__name__)
 
 
 def compare(cfg: DictConfig) -> pd.DataFrame:
     """Rank, print, save and log; returns the table."""
+    direction = resolve_direction(cfg.metric, cfg.get("direction"), strict=False)
     client = MlflowClient(cfg.tracking_uri)
     experiment = get_experiment(client, cfg.experiment_name)
     sweep_id, parent = resolve_sweep(client, experiment.experiment_id, cfg.get("sweep"))
@@ -44,11 +46,11 @@ def compare(cfg: DictConfig) -> pd.DataFrame:
         raise UserError(f"No runs to compare in experiment '{cfg.experiment_name}'"
                         + (f", sweep {sweep_id}" if sweep_id else "") + ".")
     models = runs_with_models(client, [experiment.experiment_id])
-    table = comparison_table(runs, cfg.metric, cfg.direction, metrics=list(cfg.metrics),
+    table = comparison_table(runs, cfg.metric, direction, metrics=list(cfg.metrics),
                              params=list(cfg.params), add_varying=cfg.varying_params, model_runs=set(models))
     csv_path, png_path = write_comparison(table, cfg.metric, cfg.out_dir)
     title = f"{cfg.experiment_name}" + (f" / sweep {sweep_id}" if sweep_id else "") + \
-        f": {len(table)} runs by {cfg.metric} ({cfg.direction})"
+        f": {len(table)} runs by {cfg.metric} ({direction})"
     print_table(table, title, cfg.get("top"))
     html_path = csv_path.with_suffix(".html")  # the same table, the chart and a card per run
     page = render_comparison(table, cfg.metric, title, png_path, comparison_cards(client, table))

@@ -162,17 +162,34 @@ def _default_out(source: str) -> Path:
     return path.with_suffix(".onnx") if path.is_file() else Path.cwd() / "model.onnx"
 
 
+def check_destination(out: Path, probe: Path) -> None:
+    """UserError unless `out` can be written: its folder is created, `probe` written and removed."""
+    if out.is_dir():
+        raise UserError(f"-o {out} is a folder: name the .onnx file to write.")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"-o {out}: {blocker} is a file, not a folder; choose another output path.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"-o {out} cannot be written ({err.strerror or type(err).__name__}: "
+                        f"{err.filename or out.parent}); choose a writable output path.") from None
+
+
 def export(source: str, out: str | Path | None = None, images: Sequence[str | Path] = (),
            tolerance: float = PARITY_TOLERANCE, opset: int | None = None, pt2: bool = False) -> dict:
     """Export `source` (bundle, checkpoint or MLflow URI) to ONNX after a parity check; returns
     the report (paths, parity figures, meta). Raises UserError when parity fails."""
+    out = Path(out) if out else _default_out(str(source))
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    check_destination(out, tmp)  # before the model loads and the export's half minute
     reference = load_predictor(source)
     if not isinstance(reference, Predictor):
         raise UserError(f"{source} is not a PyTorch model: export a bundle, checkpoint or MLflow model.")
-    out = Path(out) if out else _default_out(str(source))
     files = check_images(images)
     items = files or noise_images(reference.geometry.tile_hw)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         export_onnx(reference, tmp, opset)
         report = parity(reference, OnnxPredictor(tmp), items)
@@ -183,7 +200,8 @@ def export(source: str, out: str | Path | None = None, images: Sequence[str | Pa
                             "Try another --opset or report the backbone.")
         os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a failing cleanup must not replace the real error
+            tmp.unlink(missing_ok=True)
     result = {"source": str(source), "onnx": str(out), "onnx_mb": round(out.stat().st_size / 1e6, 2),
               "parity": {**report, "tolerance": tolerance,
                          "images": "given" if files else "random noise (pass --images for real ones)"},

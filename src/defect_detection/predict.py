@@ -57,18 +57,28 @@ def _one(predictor: Predictor, item: str) -> pd.DataFrame:
 
 def predict(cfg: DictConfig) -> pd.DataFrame:
     """Score cfg.images with cfg.model, write cfg.output (and Grad-CAM overlays when enabled)."""
-    from defect_detection.explain.writer import expand_inputs
+    from defect_detection.explain.writer import input_entries
 
     model = str(cfg.model)
     inputs = OmegaConf.to_container(cfg.images) if OmegaConf.is_list(cfg.images) else cfg.images
-    paths = expand_inputs(inputs)
+    entries = input_entries(inputs)  # every input as given; refused links keep a row with the reason
+    on_error = cfg.get("on_error", "skip")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise UserError(f"batch_size={cfg.batch_size}: use a whole number of images per batch, >= 1.")
+    refused = [(p, why) for p, why in entries if why]
+    if refused and on_error == "fail":
+        raise UserError(refused[0][1])
     with fluent_tracking_uri(cfg.tracking_uri):  # for runs:/ and models:/ URIs; restored after
         predictor = _load(model, cfg.device)
     predictor.batch_size = int(cfg.batch_size)
-    table = score(predictor, paths, cfg.get("on_error", "skip"))
+    table = _with_refused(score(predictor, [p for p, why in entries if not why], on_error),
+                          entries, predictor.threshold)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
+    if (table["decision"] == "error").all():
+        raise UserError(f"All {len(table)} input(s) failed (reasons in {out}); the first: "
+                        f"{table['error'].iloc[0]}")
     n_defect = int((table["decision"] == "defect").sum())
     n_error = int((table["decision"] == "error").sum())
     log.info("Scored %d images with %s: %d defect, %d good%s at threshold %.4f -> %s", len(table), model,
@@ -83,6 +93,22 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
                                  alpha=float(g.alpha), colormap=str(g.colormap))
         log.info("Wrote %d Grad-CAM overlays to %s", len(written), g.dir)
     return table
+
+
+def _with_refused(table: pd.DataFrame, entries: Sequence[tuple[Path, str | None]],
+                  threshold: float) -> pd.DataFrame:
+    """The scored table plus an error row per refused input, in the order the inputs were given."""
+    refused = [(str(p), why) for p, why in entries if why]
+    if not refused:
+        return table
+    for path, why in refused:
+        log.warning("Skipped %s: %s", path, why)
+    rows = pd.DataFrame({"path": [p for p, _ in refused], "p_defect": np.nan, "decision": "error",
+                         "threshold": threshold, "error": [why for _, why in refused]})
+    order = {str(p): i for i, (p, _) in enumerate(entries)}
+    frames = [f for f in (table, rows) if len(f)]
+    merged = pd.concat(frames, ignore_index=True).reindex(columns=[*COLUMNS, "error"])
+    return merged.sort_values("path", key=lambda c: c.map(order), kind="stable", ignore_index=True)
 
 
 def _load(model: str, device: str) -> Predictor:

@@ -20,6 +20,7 @@ from defect_detection.tracking.registry import (
     best_candidate,
     find_candidates,
     promote,
+    resolve_direction,
 )
 
 log = logging.getLogger(__name__)
@@ -35,21 +36,31 @@ def choose(cfg: DictConfig, client: MlflowClient) -> Candidate:
     if cfg.get("run_id"):
         filters = [f"attributes.run_id = '{cfg.run_id}'"]
     query = " AND ".join(filters) or None
-    candidates = find_candidates(client, [experiment.experiment_id], cfg.metric, query)
+    candidates = find_candidates(client, [experiment.experiment_id], cfg.metric, query,
+                                 include_undefined=bool(cfg.get("run_id")))  # named: refused by promote
     if cfg.get("run_id") and not candidates:
         raise UserError(f"Run {cfg.run_id} is not a candidate: it must be FINISHED, in experiment "
                         f"'{cfg.experiment_name}', have logged a model and a '{cfg.metric}' value.")
-    tie_break = [TieBreak(t["metric"], t.get("direction", "max")) for t in cfg.get("tie_break") or []]
-    return best_candidate(candidates, cfg.metric, cfg.direction, tie_break, cfg.get("prefer", "newer"))
+    return best_candidate(candidates, cfg.metric, direction(cfg), tie_breaks(cfg), cfg.get("prefer", "newer"))
+
+
+def direction(cfg: DictConfig) -> str:
+    """cfg.direction, or the metric's known direction when unset (unknown metrics need one)."""
+    return resolve_direction(cfg.metric, cfg.get("direction"))
+
+
+def tie_breaks(cfg: DictConfig) -> list[TieBreak]:
+    return [TieBreak(t["metric"], resolve_direction(t["metric"], t.get("direction")))
+            for t in cfg.get("tie_break") or []]
 
 
 def run_promotion(cfg: DictConfig) -> Promotion:
+    direction(cfg), tie_breaks(cfg)  # a metric without a known direction fails before any search
     client = MlflowClient(cfg.tracking_uri)
     candidate = choose(cfg, client)
-    tie_break = [TieBreak(t["metric"], t.get("direction", "max")) for t in cfg.get("tie_break") or []]
     try:
         result = promote(client, candidate, name=cfg.registered_model_name, metric=cfg.metric,
-                         direction=cfg.direction, tie_break=tie_break, alias=cfg.alias,
+                         direction=direction(cfg), tie_break=tie_breaks(cfg), alias=cfg.alias,
                          previous_alias=cfg.previous_alias, force=cfg.force, dry_run=cfg.dry_run)
     except MlflowException as err:
         raise UserError(f"MLflow registry at {cfg.tracking_uri}: {err.message}") from err
@@ -70,7 +81,7 @@ def _report(r: Promotion, cfg: DictConfig) -> None:
     Console().print(text)
     if r.action == "promoted":
         Console().print(f"Load it with mlflow.pyfunc.load_model('models:/{r.name}@{cfg.alias}') or "
-                        f"defect-predict model=models:/{r.name}@{cfg.alias} input=<folder>")
+                        f"defect-predict model=models:/{r.name}@{cfg.alias} images=<folder>")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="promote")

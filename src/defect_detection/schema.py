@@ -40,6 +40,17 @@ class SplitMakeSchema(_Loose):
 class SplitSchema(_Loose):
     make: SplitMakeSchema
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_misplaced_fractions(cls, values):
+        # `+split.val_fraction=0.9` (Hydra's suggested spelling) adds a key nothing reads
+        keys = ("val_fraction", "test_fraction", "seed")
+        misplaced = [k for k in keys if isinstance(values, dict) and k in values]
+        if misplaced:
+            raise ValueError(f"split.{misplaced[0]} is not read: the split's settings live under "
+                             f"split.make; set split.make.{misplaced[0]}={values[misplaced[0]]} instead")
+        return values
+
 
 class ThresholdSchema(_Loose):
     policy: Literal["fixed", "max_recall_at_fp", "min_fp_at_recall", "f1_max", "cost"]

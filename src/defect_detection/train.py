@@ -21,10 +21,10 @@ from defect_detection.data.transforms import build_eval_transform, build_train_t
 from defect_detection.data.validate import bad_images_frame, screened_records
 from defect_detection.distributed import check_launch
 from defect_detection.evaluation.calibration import calibrate_module
-from defect_detection.evaluation.metrics import separation_margin
+from defect_detection.evaluation.metrics import separation_margin, tag_undefined_metrics
 from defect_detection.evaluation.reports import log_test_report
-from defect_detection.evaluation.thresholds import choose_threshold
-from defect_detection.explain.report import log_gradcam
+from defect_detection.evaluation.thresholds import check_selection_split, choose_threshold
+from defect_detection.explain.report import check_gradcam_config, log_gradcam
 from defect_detection.models.checkpointing import AtomicCheckpointIO, RngStateCallback
 from defect_detection.models.families import family
 from defect_detection.models.inference import save_bundle
@@ -38,6 +38,7 @@ from defect_detection.tracking.mlflow_run import (
     flatten,
     fluent_tracking_uri,
     git_commit,
+    stop_signal,
 )
 from defect_detection.tracking.pyfunc import log_pyfunc
 from defect_detection.tracking.resume import continue_run, note_stopped, prepare_resume, tag_checkpoint_dir
@@ -116,7 +117,9 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     split = datamodule.split
+    check_selection_split(cfg.threshold.policy, split.val, cfg.split)  # both classes on val, up front
     module = build_module(cfg, datamodule.class_counts("train"))
+    check_gradcam_config(cfg, module.net)  # a bad backbone.gradcam_layer fails now, not after training
     logger = build_logger(cfg, run_id=resume.run_id)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c] + [RngStateCallback()]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
@@ -153,12 +156,15 @@ def train(cfg: DictConfig) -> dict:
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         result = {"val": val_metrics, "test": test_metrics, "threshold": choice.value,
                   "run_id": tracker.run_id, "best_checkpoint": best}
+        tag_undefined_metrics(tracker, {**val_metrics, **test_metrics})  # NaN: a split had one class
         _log_results(tracker, cfg, module, choice, best, datamodule)
         report_uri = log_html_report(tracker)  # report.html from the artifacts just logged
         tracker.finish("FINISHED")
     except BaseException as err:
         note_stopped(tracker, trainer, err)  # logs/tags the resume command when a last.ckpt exists
         tracker.fail(err)
+        if stop_signal(err) == "SIGTERM":  # Lightning's SIGTERMException would exit 0: 128 + 15
+            raise SystemExit(143) from err
         raise
     log.info("val/auroc %.4f | test: auroc %.4f recall %.4f fp %d at threshold %.4f (%s on val)",
              val_metrics.get("val/auroc", float("nan")), test_metrics.get("test/auroc", float("nan")),

@@ -136,6 +136,17 @@ def safe_image_paths(source: str | Path, follow_symlinks: bool = False) -> list[
     file or folder outside it, or `..` after a wildcard, raises UserError naming the path, and so
     do broken links and symlink loops. Folder walks never loop, even through linked folders.
     """
+    checked = checked_image_paths(source, follow_symlinks)
+    for _, reason in checked:
+        if reason:
+            raise UserError(reason)
+    return [p for p, _ in checked]
+
+
+def checked_image_paths(source: str | Path, follow_symlinks: bool = False) -> list[tuple[Path, str | None]]:
+    """Like safe_image_paths, but every path with why it is refused (None: usable) instead of
+    stopping at the first: what commands that report one row per input use. A missing source,
+    or one without images, is one (source, reason) entry."""
     text = os.path.expanduser(str(source))
     if glob.has_magic(text):
         root = _glob_root(text)
@@ -144,21 +155,24 @@ def safe_image_paths(source: str | Path, follow_symlinks: bool = False) -> list[
     else:
         path = Path(text)
         if not path.exists() and not path.is_symlink():
-            raise UserError(f"Input not found: {path}.")
+            return [(path, f"Input not found: {path}.")]
         root, paths = (path, _walk(path)) if path.is_dir() else (path.parent, [path])
     if not paths:
-        raise UserError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found at {source}.")
+        return [(Path(text), f"No images ({', '.join(IMAGE_SUFFIXES)}) found at {source}.")]
     if follow_symlinks:
-        return paths
+        return [(p, None) for p in paths]
     real_root = Path(os.path.realpath(root))
-    for p in paths:
-        if p.is_symlink() and not p.exists():
-            raise UserError(f"{p} is a broken symlink or a symlink loop; remove it from {root}.")
-        real = Path(os.path.realpath(p))
-        if real_root not in real.parents:
-            raise UserError(f"{p} resolves to {real}, outside the input root {real_root}; copy the "
-                            "file into the input folder or allow following symlinks.")
-    return paths
+    return [(p, _outside_reason(p, root, real_root)) for p in paths]
+
+
+def _outside_reason(p: Path, root: Path, real_root: Path) -> str | None:
+    if p.is_symlink() and not p.exists():
+        return f"{p} is a broken symlink or a symlink loop; remove it from {root}."
+    real = Path(os.path.realpath(p))
+    if real_root not in real.parents:
+        return (f"{p} resolves to {real}, outside the input root {real_root}; copy the "
+                "file into the input folder or allow following symlinks.")
+    return None
 
 
 def _glob_root(pattern: str) -> Path:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Mapping
+
 import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -13,6 +17,8 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
+from defect_detection.tracking.mlflow_run import UNDEFINED_TAG
+
 
 def decision_metrics(prefix: str) -> MetricCollection:
     """Metrics of hard decisions (fed 0/1 predictions made at the stage's threshold)."""
@@ -23,10 +29,38 @@ def decision_metrics(prefix: str) -> MetricCollection:
         "f1": BinaryF1Score(zero_division=0),
     }, prefix=prefix)
 
+log = logging.getLogger(__name__)
+
+
+class _Undefined:
+    """compute() is NaN when the targets hold one class: torchmetrics returns 0 (AUROC) or -0 (AP)
+    there, a number that looks like a (terrible) score though the metric is undefined."""
+
+    def compute(self) -> torch.Tensor:
+        target = self.target if isinstance(self.target, torch.Tensor) else (
+            torch.cat([t.flatten() for t in self.target]) if self.target else torch.empty(0))
+        if target.numel() == 0 or bool((target == target.flatten()[0]).all()):
+            return torch.tensor(float("nan"))
+        return super().compute()
+
+
+class DefinedAUROC(_Undefined, BinaryAUROC):
+    pass
+
+
+class DefinedAveragePrecision(_Undefined, BinaryAveragePrecision):
+    pass
+
 
 def ranking_metrics(prefix: str) -> MetricCollection:
-    """Threshold-free metrics of the defect probability."""
-    return MetricCollection({"auroc": BinaryAUROC(), "ap": BinaryAveragePrecision()}, prefix=prefix)
+    """Threshold-free metrics of the defect probability (NaN when the split holds one class)."""
+    return MetricCollection({"auroc": DefinedAUROC(), "ap": DefinedAveragePrecision()}, prefix=prefix)
+
+
+def undefined_metrics(metrics: Mapping[str, float]) -> list[str]:
+    """Names of the NaN (undefined) values, e.g. val/auroc when val holds a single class."""
+    return sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and math.isnan(v)
+                  or isinstance(v, torch.Tensor) and v.numel() == 1 and bool(torch.isnan(v)))
 
 
 def separation_margin(log_odds: torch.Tensor, labels: torch.Tensor) -> float:
@@ -40,3 +74,13 @@ def separation_margin(log_odds: torch.Tensor, labels: torch.Tensor) -> float:
     if len(good) == 0 or len(defect) == 0:
         return float("nan")
     return float(defect.min() - good.max())
+
+
+def tag_undefined_metrics(tracker, metrics: Mapping[str, float]) -> list[str]:
+    """Tag the run with its undefined (NaN) metrics and warn: promotion refuses such a run."""
+    names = undefined_metrics(metrics)
+    if names:
+        log.warning("Undefined metrics (a split holds a single class): %s. They are logged as NaN; "
+                    "the run is tagged %s and will not be promoted.", ", ".join(names), UNDEFINED_TAG)
+        tracker.set_tags({UNDEFINED_TAG: ", ".join(names)})
+    return names

@@ -102,3 +102,41 @@ def choose_threshold(policy: str, scores, labels, *, value: float = 0.5, max_fp:
     for w in warnings:
         log.warning("threshold: %s", w)
     return ThresholdChoice(t, policy, chosen_on, {k: int(v[0]) for k, v in final.items()}, warnings)
+
+
+def check_selection_split(policy: str, records, split_cfg=None, chosen_on: str = "val") -> None:
+    """Before training: a policy other than `fixed` needs both classes on the split it is chosen on;
+    without them it would silently fall back to threshold.fallback after the whole training."""
+    if policy == "fixed":
+        return
+    labels = [int(r.label) for r in records]
+    n_defect, n_good = sum(labels), len(labels) - sum(labels)
+    if n_defect and n_good:
+        return
+    missing = "defect" if not n_defect else "good"
+    make = (split_cfg or {}).get("make") or {}
+    fraction = make.get("val_fraction")
+    need = ""
+    if fraction and str(make.get("_target_", "")).endswith("stratified_split"):
+        n = min_stratum_for_val(float(fraction), float(make.get("test_fraction") or 0.0))
+        need = (f" With split.make.val_fraction={fraction:g} the stratified split puts a {missing} image in "
+                f"val from every category with at least {n} {missing} images.")
+    raise UserError(
+        f"The {chosen_on} split has {n_good} good and {n_defect} defect images: threshold.policy={policy} "
+        f"chooses the threshold on {chosen_on} and needs at least 1 {missing} image there.{need} Add "
+        f"{missing} images, raise split.make.val_fraction, or use threshold=fixed.")
+
+
+def min_stratum_for_val(val_fraction: float, test_fraction: float, limit: int = 10000) -> int:
+    """The fewest images of one (category, label) stratum that give val at least one of them, by the
+    counting rule of data.splits.stratified_split (test is filled first)."""
+    for n in range(1, limit):
+        n_test = round(n * test_fraction) if test_fraction else 0
+        n_val = round(n * val_fraction) if val_fraction else 0
+        if test_fraction and n >= 3:
+            n_test = max(n_test, 1)
+        if val_fraction and n >= 3:
+            n_val = max(n_val, 1)
+        if min(n_val, n - n_test) >= 1:
+            return n
+    return limit

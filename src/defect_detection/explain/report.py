@@ -16,10 +16,10 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from defect_detection import CLASS_NAMES, DEFECT
+from defect_detection import CLASS_NAMES, DEFECT, UserError
 from defect_detection.data.cache import prepared_mask
 from defect_detection.data.geometry import header_hw
-from defect_detection.explain.gradcam import geometry_cams, map_method
+from defect_detection.explain.gradcam import TARGETS, geometry_cams, map_method, resolve_layer
 from defect_detection.explain.localisation import localisation_scores
 from defect_detection.explain.overlay import denormalise, gallery, overlay, save_png
 
@@ -36,6 +36,18 @@ def _select(records, p: dict[int, float], threshold: float, n_per_group: int, ma
     wrong.sort(key=lambda i: -abs(p[i] - threshold))  # the most confident mistakes first
     masked = [i for i, r in enumerate(records) if r.mask_path and i in p]
     return dict(sorted(groups.items())), wrong[:max_images] if max_images else wrong, masked
+
+
+def check_gradcam_config(cfg: DictConfig, net) -> None:
+    """Before training: the Grad-CAM layer and target that log_gradcam will use after it exist."""
+    ecfg = cfg.get("explain")
+    if not ecfg or not ecfg.get("enabled", True):
+        return
+    if map_method(net, ecfg.get("method", "auto")) != "gradcam" or not cfg.backbone.get("gradcam_layer"):
+        return
+    resolve_layer(net, str(cfg.backbone.gradcam_layer))
+    if str(ecfg.target) not in TARGETS:
+        raise UserError(f"explain.target={ecfg.target} is not one of {list(TARGETS)}.")
 
 
 def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test") -> dict[str, float]:

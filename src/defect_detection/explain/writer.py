@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,31 +9,33 @@ from pathlib import Path
 import pandas as pd
 
 from defect_detection import CLASS_NAMES, UserError
-from defect_detection.data.records import IMAGE_SUFFIXES
+from defect_detection.data.validate import checked_image_paths
 from defect_detection.explain.gradcam import geometry_cams, gradcam_layer_for
 from defect_detection.explain.overlay import denormalise, overlay, save_png
 from defect_detection.models.inference import as_pil
 
 
 def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Image files from folders (recursive), glob patterns and file paths, sorted, without duplicates."""
+    """Image files from folders (recursive), glob patterns and file paths, as given (not resolved),
+    in order, without duplicates; a symlink leaving its input root, a broken link or a loop is a
+    UserError naming it (data/validate.safe_image_paths)."""
+    entries = input_entries(inputs)
+    for _, reason in entries:
+        if reason:
+            raise UserError(reason)
+    return [p for p, _ in entries]
+
+
+def input_entries(inputs: str | Path | Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+    """Every image the inputs name, as given, with why it cannot be used (None when it can): a
+    missing input, one without images, and symlinks out of the input root, broken or looping,
+    each get an entry with the reason instead of vanishing."""
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    found: list[Path] = []
+    found: dict[Path, str | None] = {}
     for item in items:
-        path = Path(str(item)).expanduser()
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            found.append(path)
-        elif glob.has_magic(str(path)):
-            found += sorted(Path(p) for p in glob.glob(str(path), recursive=True)
-                            if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            raise UserError(f"Input {item} is neither a file, a folder nor a glob pattern that exists.")
-    found = list(dict.fromkeys(p.resolve() for p in found))
-    if not found:
-        raise UserError(f"No images found in {items} (suffixes: {', '.join(IMAGE_SUFFIXES)}).")
-    return found
+        for path, reason in checked_image_paths(item):
+            found.setdefault(path, reason)
+    return list(found.items())
 
 
 def _relative_names(paths: Sequence[Path]) -> list[Path]:

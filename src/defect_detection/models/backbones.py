@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from defect_detection import UserError
+from defect_detection.models.safe_load import safe_torch_load
 
 NUM_CLASSES = 2
 
@@ -21,7 +22,9 @@ def _torchvision_resnet(arch: str, weights_file: str) -> Callable[..., nn.Module
         net = getattr(torchvision.models, arch)(weights=None)
         if pretrained:
             path = _resolve_torchvision_weights(arch, weights_file, weights_path)
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+            state = safe_torch_load(path, f"{arch} weights file ({weights_file})")
+            _check_state(state, net.state_dict(), arch, path)
+            net.load_state_dict(state, strict=True)
         net.fc = nn.Linear(net.fc.in_features, NUM_CLASSES)
         return net
 
@@ -48,13 +51,31 @@ def _resolve_torchvision_weights(arch: str, weights_file: str, weights_path: str
     )
 
 
+def _check_state(state, expected: dict, arch: str, path: Path) -> None:
+    """One line when a weights file is not this architecture's (load_state_dict's own error lists
+    every key)."""
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not {arch} weights (a state dict).")
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and getattr(state[k], "shape", None) != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise UserError(f"{path} does not hold {arch} weights: {len(missing)} of its {len(expected)} tensors "
+                        f"missing, {len(unexpected)} unexpected, {len(shapes)} of another shape (e.g. "
+                        f"{(missing or unexpected or shapes)[0]}). Point backbone.weights_path at the "
+                        f"{arch} ImageNet weights, or choose the backbone these weights belong to.")
+
+
 def _efficientnet_lite(variant: str) -> Callable[..., nn.Module]:
     def build(pretrained: bool, weights_path: str | None) -> nn.Module:
         import timm
 
         net = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
         if pretrained:
-            state = torch.load(_lite_weights(variant, weights_path), map_location="cpu", weights_only=True)
+            path = _lite_weights(variant, weights_path)
+            state = safe_torch_load(path, f"efficientnet_{variant} weights file")
+            if not isinstance(state, dict):
+                raise UserError(f"{path} holds a {type(state).__name__}, not efficientnet_{variant} weights.")
             net.load_state_dict(_match_in_order(state, net.state_dict(), variant), strict=True)
         net.reset_classifier(NUM_CLASSES)
         return net
@@ -84,7 +105,8 @@ def _match_in_order(source: dict, target: dict, variant: str) -> dict:
     mismatch = len(src) != len(dst) or any(a.shape != b.shape for (_, a), (_, b) in zip(src, dst))
     if mismatch:
         raise UserError(f"The efficientnet_{variant} weights file does not match timm's "
-                        f"tf_efficientnet_{variant} ({len(src)} vs {len(dst)} tensors).")
+                        f"tf_efficientnet_{variant} ({len(src)} vs {len(dst)} tensors): point "
+                        f"backbone.weights_path at efficientnet_{variant} weights or unset it.")
     return {name: tensor for (name, _), (_, tensor) in zip(dst, src)}
 
 

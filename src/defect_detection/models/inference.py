@@ -21,6 +21,7 @@ from defect_detection.data.images import load_rgb
 from defect_detection.models.aggregation import image_logits
 from defect_detection.models.batchnorm_folding import fold_batchnorm
 from defect_detection.models.families import family
+from defect_detection.models.safe_load import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,10 @@ def _read_bundle(path: str | Path) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Model file not found: {path}.")
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if "meta" in data:
+    data = safe_torch_load(path, "model (an inference bundle or a defect-train checkpoint)")
+    if isinstance(data, dict) and "meta" in data:
         return data["meta"], data["state_dict"]
-    if "defect_meta" in data:
+    if isinstance(data, dict) and "defect_meta" in data:
         state = {k[len("net."):]: v for k, v in data["state_dict"].items() if k.startswith("net.")}
         return {"class_names": list(CLASS_NAMES), "temperature": 1.0, "threshold_policy": "checkpoint",
                 **data["defect_meta"]}, state

@@ -20,6 +20,9 @@ from defect_detection import project_root
 
 log = logging.getLogger(__name__)
 
+# Run tag listing metrics that are undefined (NaN) because a split held one class; promotion refuses it.
+UNDEFINED_TAG = "undefined_metrics"
+
 
 @contextmanager
 def fluent_tracking_uri(uri: str, registry_uri: str | None = None) -> Iterator[None]:
@@ -170,13 +173,25 @@ class RunTracker:
             self.client.set_terminated(self.run_id, status)
 
     def fail(self, error: BaseException) -> None:
-        """Mark the run FAILED and keep the traceback with it."""
+        """Mark the run FAILED (KILLED when stopped by a signal) and keep the traceback with it."""
         if not self.enabled:
             return
         text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        signal_name = stop_signal(error)
         try:
             self.log_text(text, "error/traceback.txt")
-            self.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+            self.set_tags({"error": (f"stopped by {signal_name}" if signal_name
+                                     else f"{type(error).__name__}: {error}")[:5000]})
         finally:
-            # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown
-            self.finish("KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            self.finish("KILLED" if signal_name else "FAILED")
+
+
+def stop_signal(error: BaseException) -> str | None:
+    """The signal behind a stop: SIGTERM (what timeout, SLURM and Kubernetes send; Lightning raises
+    its SIGTERMException), SIGINT (Ctrl-C, which Lightning turns into SystemExit(1) after its graceful
+    shutdown; a bare KeyboardInterrupt elsewhere), or None for an error."""
+    if type(error).__name__ == "SIGTERMException" or (isinstance(error, SystemExit) and error.code == 143):
+        return "SIGTERM"
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return "SIGINT (Ctrl-C)"
+    return None

@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from defect_detection import UserError
 from defect_detection.tracking.comparison import metric_value, runs_with_models, sign
-from defect_detection.tracking.mlflow_run import fluent_tracking_uri
+from defect_detection.tracking.mlflow_run import UNDEFINED_TAG, fluent_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,48 @@ class PromotionRefused(UserError):
     """The candidate is worse than the current champion (promote with force=true to override)."""
 
 
+# Which way is better for every metric the project logs, by its name after the stage prefix
+# (val/loss -> loss). Counts, thresholds and temperatures have no better side: they need direction=.
+LOWER_IS_BETTER = frozenset({"loss", "fp", "fn", "ece", "ece_uncalibrated", "nll", "nll_uncalibrated",
+                             "brier", "cam_ms_per_image"})
+HIGHER_IS_BETTER = frozenset({"auroc", "ap", "accuracy", "precision", "recall", "f1", "tp", "tn",
+                              "margin", "cam_pointing_game", "cam_pixel_auroc", "cam_energy_in_mask"})
+
+
+def known_direction(metric: str) -> str | None:
+    """'min' or 'max' for a metric the project logs with a better side, else None."""
+    name = str(metric).rsplit("/", 1)[-1]
+    if name in LOWER_IS_BETTER:
+        return "min"
+    if name in HIGHER_IS_BETTER or name.startswith("recall_"):  # recall_<category>[_<defect type>]
+        return "max"
+    return None
+
+
+def resolve_direction(metric: str, direction: str | None = None, strict: bool = True) -> str:
+    """The direction to rank `metric` by: its known one, or the explicit `direction` for others.
+
+    An unknown metric without a direction is refused, and so (when strict, as promotion is) is a
+    direction that contradicts a known one (direction=max for val/loss): ranking the wrong way
+    promotes the worst run."""
+    known = known_direction(metric)
+    if direction is None or str(direction).lower() in ("", "none", "null", "auto"):
+        if known is None:
+            raise UserError(f"metric={metric}: its better side is not known; pass direction=max "
+                            "(higher is better) or direction=min (lower is better).")
+        return known
+    given = "max" if sign(direction) > 0 else "min"  # sign() refuses anything but max/min
+    if strict and known is not None and given != known:
+        better = "lower" if known == "min" else "higher"
+        raise UserError(f"direction={direction} contradicts metric={metric}: {better} is better for it "
+                        f"(direction={known}). Leave direction unset to use it.")
+    return given
+
+
 @dataclass(frozen=True)
 class TieBreak:
     metric: str
-    direction: str = "max"
+    direction: str | None = None  # None: the metric's known direction (resolve_direction)
 
 
 @dataclass
@@ -63,8 +101,9 @@ class Promotion:
 
 
 def find_candidates(client: MlflowClient, experiment_ids: Sequence[str], metric: str,
-                    filter_string: str | None = None) -> list[Candidate]:
-    """FINISHED runs with a logged model and a value for `metric`."""
+                    filter_string: str | None = None, include_undefined: bool = False) -> list[Candidate]:
+    """FINISHED runs with a logged model and a value for `metric`; runs tagged with undefined
+    metrics (a split held one class) only when include_undefined (promote() then refuses them)."""
     query = "attributes.status = 'FINISHED'" + (f" AND {filter_string}" if filter_string else "")
     runs = client.search_runs(list(experiment_ids), query, max_results=50000)
     models = runs_with_models(client, experiment_ids)
@@ -72,6 +111,10 @@ def find_candidates(client: MlflowClient, experiment_ids: Sequence[str], metric:
     for run in runs:
         model = models.get(run.info.run_id)
         if model is not None and not math.isnan(metric_value(run, metric)):
+            if UNDEFINED_TAG in run.data.tags and not include_undefined:
+                log.warning("Run %s is not a candidate: undefined metrics (%s).", run.info.run_id,
+                            run.data.tags[UNDEFINED_TAG])
+                continue
             out.append(Candidate(run, model.model_id, model.model_uri))
     return out
 
@@ -81,11 +124,11 @@ def score_key(run: Run, metric: str, direction: str, tie_break: Sequence[TieBrea
     key = []
     for name, d in [(metric, direction), *((t.metric, t.direction) for t in tie_break)]:
         v = metric_value(run, name)
-        key.append(-math.inf if math.isnan(v) else sign(d) * v)
+        key.append(-math.inf if math.isnan(v) else sign(resolve_direction(name, d, strict=False)) * v)
     return tuple(key)
 
 
-def best_candidate(candidates: Sequence[Candidate], metric: str, direction: str = "max",
+def best_candidate(candidates: Sequence[Candidate], metric: str, direction: str | None = None,
                    tie_break: Sequence[TieBreak] = (), prefer: str = "newer") -> Candidate:
     if not candidates:
         raise UserError(f"No candidate: no FINISHED run with a logged model and a '{metric}' value matches.")
@@ -122,10 +165,18 @@ def champion_value(client: MlflowClient, version: ModelVersion, metric: str) -> 
     return value
 
 
-def promote(client: MlflowClient, candidate: Candidate, *, name: str, metric: str, direction: str = "max",
-            tie_break: Sequence[TieBreak] = (), alias: str = "champion", previous_alias: str = "previous",
-            force: bool = False, dry_run: bool = False) -> Promotion:
+def promote(client: MlflowClient, candidate: Candidate, *, name: str, metric: str,
+            direction: str | None = None, tie_break: Sequence[TieBreak] = (), alias: str = "champion",
+            previous_alias: str = "previous", force: bool = False, dry_run: bool = False) -> Promotion:
     """Register the candidate's model and move `alias` to it (see the module docstring)."""
+    direction = resolve_direction(metric, direction)
+    tie_break = [TieBreak(t.metric, resolve_direction(t.metric, t.direction)) for t in tie_break]
+    undefined = candidate.run.data.tags.get(UNDEFINED_TAG)
+    if undefined and not force:
+        raise PromotionRefused(
+            f"Run {candidate.run_id} has undefined metrics ({undefined}): a val or test split held a "
+            "single class, so its scores say nothing about separating good from defect. Retrain with "
+            "both classes in every split (or pass force=true).")
     value = metric_value(candidate.run, metric)
     threshold = candidate.run.data.metrics.get("test/threshold")
     tags = {"metric": metric, "metric_value": repr(value), "direction": direction, "run_id": candidate.run_id,

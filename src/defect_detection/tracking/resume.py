@@ -18,7 +18,8 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from defect_detection import UserError
-from defect_detection.tracking.mlflow_run import RunTracker, ensure_local_store, flatten
+from defect_detection.models.safe_load import why_unloadable
+from defect_detection.tracking.mlflow_run import RunTracker, ensure_local_store, flatten, stop_signal
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,9 @@ def check_checkpoint(path: str | Path) -> Path:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, anything: not a file to trust
-        raise UserError(f"Checkpoint {path} cannot be loaded safely ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0]}). It is incomplete, corrupt or not written by "
-                        "defect-train; resume from another checkpoint.") from None
+        raise UserError(f"Checkpoint {path} cannot be loaded safely ({why_unloadable(err)}). It is "
+                        "incomplete, corrupt or not written by defect-train; resume from another "
+                        "checkpoint.") from None
     if not isinstance(data, dict) or "loops" not in data or "optimizer_states" not in data:
         raise UserError(f"{path} holds weights only, not a training state to resume (no optimizer/"
                         "loop state). Use it for prediction, or resume from a last.ckpt.")
@@ -173,8 +174,7 @@ def note_stopped(tracker: RunTracker, trainer, error: BaseException) -> None:
         if callback is None or not callback.dirpath or isinstance(error, UserError):
             return
         last = Path(callback.dirpath) / LAST
-        # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown
-        why = "Ctrl-C" if isinstance(error, (KeyboardInterrupt, SystemExit)) else type(error).__name__
+        why = stop_signal(error) or type(error).__name__
         if not last.is_file():
             log.warning("Training stopped (%s) before its first epoch ended: no %s to resume from.",
                         why, last)

@@ -1,0 +1,272 @@
+"""The probe of issue 17 (bad inputs and misuses a new user tried), one test per case, on tiny data.
+
+Each test failed before its fix; together they keep the README's reliability table true.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+from PIL import Image
+from pytorch_lightning.callbacks import Callback
+
+from defect_detection import UserError
+from defect_detection.config import CONFIG_DIR
+from defect_detection.predict import predict
+from defect_detection.train import train
+from tests.conftest import compose_train
+from tests.test_predict_serve import predict_cfg
+from tests.test_promote import make_bundle, make_run, tracking_uri
+from tests.test_resume import _cfg
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> dict[str, Path]:
+    """One MLflow store and one synthetic dataset for the training runs of this module (test_resume._cfg)."""
+    base = tmp_path_factory.mktemp("probe")
+    return {"mlruns": base / "mlruns", "data": base / "data", "base": base}
+
+
+def _promote_cfg(root: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("promote", overrides=[f"paths.root_dir={root}", *overrides])
+
+
+# -- 1. promotion knows which way is better ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loss_store(tmp_path_factory):
+    """Two finished runs with models: `good` has the lower val/loss, `bad` the higher one."""
+    root = tmp_path_factory.mktemp("probe_promote")
+    bundle = make_bundle(root / "bundle.pt")
+    good = make_run(root, {"val/auroc": 0.9, "val/loss": 0.2, "test/threshold": 0.4}, bundle=bundle)
+    bad = make_run(root, {"val/auroc": 0.8, "val/loss": 0.9, "test/threshold": 0.6}, bundle=bundle)
+    return root, good, bad
+
+
+def test_promote_on_a_loss_picks_the_lowest_and_refuses_a_higher_one(loss_store):
+    from defect_detection.promote import run_promotion
+    from defect_detection.tracking.registry import PromotionRefused
+
+    root, good, bad = loss_store
+    result = run_promotion(_promote_cfg(root, "metric=val/loss", "registered_model_name=loss-line"))
+    assert result.run_id == good and result.tags["direction"] == "min"
+    with pytest.raises(PromotionRefused, match="worse than the current champion"):
+        run_promotion(_promote_cfg(root, "metric=val/loss", "registered_model_name=loss-line",
+                                   f"run_id={bad}"))
+    client = MlflowClient(tracking_uri(root))
+    champion = client.get_model_version_by_alias("loss-line", "champion")
+    assert champion.run_id == good and champion.tags["forced"] == "false"
+    # a metric without a better side needs direction=; a contradicting direction is refused
+    with pytest.raises(UserError, match=r"metric=test/threshold: its better side is not known.*direction="):
+        run_promotion(_promote_cfg(root, "metric=test/threshold", "registered_model_name=t-line"))
+    with pytest.raises(UserError, match="direction=max contradicts metric=val/loss: lower is better"):
+        run_promotion(_promote_cfg(root, "metric=val/loss", "direction=max", "registered_model_name=x"))
+    explicit = run_promotion(_promote_cfg(root, "metric=test/threshold", "direction=max",
+                                          "registered_model_name=t-line"))
+    assert explicit.run_id == bad
+
+
+# -- 3. SIGTERM ends training non-zero, KILLED, with the signal named and the resume hint -----------
+
+class SigtermAt(Callback):
+    """Sends this process a real SIGTERM (what timeout, SLURM and Kubernetes send) at `epoch`."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_exits_143_kills_the_run_and_keeps_the_resume_hint(shared, caplog):
+    handler = signal.getsignal(signal.SIGTERM)
+    cfg = _cfg(shared, "sigterm", "trainer.max_epochs=2", "experiment_name=probe-sigterm",
+               "+callbacks.stop={_target_:tests.test_probe.SigtermAt,epoch:1}")
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert stop.value.code == 143
+    client = MlflowClient(cfg.logger.tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("probe-sigterm").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "stopped by SIGTERM"
+    assert (Path(run.data.tags["checkpoint_dir"]) / "last.ckpt").is_file()
+    assert run.data.tags["resume_with"].startswith("defect-train ckpt_path=last resume_run_id=")
+    assert "Training stopped (SIGTERM). Resume with: defect-train" in caplog.text
+    assert "Ctrl-C" not in caplog.text
+
+
+# -- 4. defect-predict refuses symlinks per input, names every input, fails when all fail -------------
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("probe_bundle") / "bundle.pt", threshold=0.45)
+
+
+def _png(path: Path, value: int = 128) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((40, 40, 3), value, np.uint8)).save(path)
+    return path
+
+
+def test_predict_gives_every_input_a_row_and_refuses_links_out_of_the_folder(bundle, tmp_path):
+    folder = tmp_path / "parts"
+    _png(folder / "a.png")
+    _png(folder / "sub" / "b.png", 30)
+    secret = _png(tmp_path / "elsewhere" / "secret.png")
+    (folder / "leak.png").symlink_to(secret)
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "gone.png").symlink_to(folder / "missing.png")
+    table = predict(predict_cfg(tmp_path, f"model={bundle}", f"images={folder}"))
+    by_name = {Path(p).name: row for p, row in zip(table["path"], table.itertuples())}
+    assert sorted(by_name) == ["a.png", "b.png", "gone.png", "leak.png", "loop.png"]
+    assert str(secret) not in set(table["path"]) and str(folder / "leak.png") in set(table["path"])
+    assert by_name["a.png"].decision in ("good", "defect") and by_name["b.png"].decision in ("good", "defect")
+    assert by_name["leak.png"].decision == "error" and "outside the input root" in by_name["leak.png"].error
+    for name in ("loop.png", "gone.png"):
+        assert by_name[name].decision == "error" and "broken symlink or a symlink loop" in by_name[name].error
+    assert len(pd.read_csv(tmp_path / "out" / "predictions.csv")) == 5
+    with pytest.raises(UserError, match="gone.png is a broken symlink"):  # the first refused
+        predict(predict_cfg(tmp_path, f"model={bundle}", f"images={folder}", "on_error=fail"))
+
+
+def test_predict_fails_when_every_input_failed(bundle, tmp_path):
+    folder = tmp_path / "links"
+    folder.mkdir()
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(UserError, match=r"All 3 input\(s\) failed"):
+        predict(predict_cfg(tmp_path, f"model={bundle}",
+                            f"input=[{folder},{tmp_path}/text.png,{tmp_path}/nowhere]"))
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert list(table["path"]) == [str(folder / "loop.png"), str(tmp_path / "text.png"),
+                                   str(tmp_path / "nowhere")]
+    assert (table["decision"] == "error").all() and table["error"].notna().all()
+
+
+# -- 8. a split with one class: stop up front, or NaN metrics, a tag and no promotion -----------------
+
+def _one_class_folder(root: Path, n_good: int = 10, n_defect: int = 2) -> Path:
+    """good/ and defect/crack/ with so few defects that none reaches val or test."""
+    for i in range(n_good):
+        _png(root / "good" / f"{i}.png", 40 + 10 * i)
+    for i in range(n_defect):
+        _png(root / "defect" / "crack" / f"{i}.png", 250 - 5 * i)
+    return root
+
+
+def _folder_cfg(tmp_path: Path, *overrides: str):
+    data = _one_class_folder(tmp_path / "parts")
+    return compose_train(tmp_path, "data=folder", f"data.root={data}", "data.image_size=32",
+                         "data.batch_size=8", "trainer.max_epochs=1", "callbacks.progress_bar=null",
+                         "explain=none", "log_data_summary=false", *overrides, fast=False)
+
+
+def test_val_without_defects_stops_before_training_saying_how_many_are_needed(tmp_path):
+    cfg = _folder_cfg(tmp_path)  # threshold: max_recall_at_fp, chosen on val
+    with pytest.raises(UserError, match=r"The val split has 2 good and 0 defect images: threshold.policy="
+                                        r"max_recall_at_fp .* at least 3 defect images.*threshold=fixed"):
+        train(cfg)
+    assert not (tmp_path / "outputs" / "checkpoints").exists()  # nothing was trained
+
+
+def test_one_class_splits_log_nan_metrics_with_a_tag_and_are_not_promoted(tmp_path):
+    from defect_detection.promote import run_promotion
+    from defect_detection.tracking.registry import PromotionRefused
+
+    cfg = _folder_cfg(tmp_path, "threshold=fixed")
+    result = train(cfg)
+    client = MlflowClient(cfg.logger.tracking_uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    for name in ("val/auroc", "val/ap", "test/auroc", "test/ap"):
+        assert np.isnan(run.data.metrics[name]), name  # was 0.0
+    assert "test/auroc" in run.data.tags["undefined_metrics"]
+    promote = (f"paths.root_dir={tmp_path}", f"tracking_uri={cfg.logger.tracking_uri}", "metric=val/loss")
+    with pytest.raises(PromotionRefused, match=f"Run {result['run_id']} has undefined metrics"):
+        run_promotion(_promote_cfg(tmp_path, *promote, f"run_id={result['run_id']}"))
+    with pytest.raises(UserError, match="No candidate"):
+        run_promotion(_promote_cfg(tmp_path, *promote))
+
+
+# -- 9. one line, not a traceback (and never torch's weights_only=False advice) ----------------------
+
+def test_predict_batch_size_zero_is_one_line(bundle, tmp_path):
+    _png(tmp_path / "a.png")
+    with pytest.raises(UserError, match="batch_size=0: use a whole number of images per batch, >= 1"):
+        predict(predict_cfg(tmp_path, f"model={bundle}", f"images={tmp_path / 'a.png'}", "batch_size=0"))
+
+
+def test_weights_path_at_a_non_weights_file_or_another_architecture(tmp_path):
+    import torch
+
+    from defect_detection.models.backbones import build_network
+
+    png = _png(tmp_path / "weights.png")
+    with pytest.raises(UserError, match="weights.png cannot be loaded as a resnet18 weights file .*: "
+                                        "it is not a PyTorch file"):
+        build_network("resnet18", pretrained=True, weights_path=str(png))
+    lite = tmp_path / "lite0.pth"
+    torch.save(build_network("efficientnet_lite0", pretrained=False).state_dict(), lite)
+    with pytest.raises(UserError, match=r"lite0.pth does not hold resnet18 weights: \d+ of its 122 "
+                                        r"tensors missing, \d+ unexpected"):
+        build_network("resnet18", pretrained=True, weights_path=str(lite))
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(UserError, match="holds a list, not efficientnet_lite0 weights"):
+        build_network("efficientnet_lite0", pretrained=True, weights_path=str(tmp_path / "list.pth"))
+
+
+def test_export_checks_the_destination_before_loading_anything(tmp_path):
+    from defect_detection.export import export
+
+    (tmp_path / "file.txt").write_text("a file")
+    missing_model = tmp_path / "not-loaded.pt"  # never opened: the destination is checked first
+    with pytest.raises(UserError, match=r"file.txt is a file, not a folder"):
+        export(str(missing_model), tmp_path / "file.txt" / "sub" / "model.onnx")
+    with pytest.raises(UserError, match=r"-o .*model.onnx cannot be written"):
+        export(str(missing_model), "/proc/defect-probe/model.onnx")
+    with pytest.raises(UserError, match="is a folder"):
+        export(str(missing_model), tmp_path)
+
+
+def test_a_png_as_model_is_one_line_without_unsafe_advice(tmp_path):
+    png = _png(tmp_path / "model.png")
+    message = "model.png cannot be loaded as a model .*: it is not a PyTorch file"
+    with pytest.raises(UserError, match=message) as err:
+        predict(predict_cfg(tmp_path, f"model={png}", f"images={png}"))
+    assert "weights_only" not in str(err.value)
+    proc = subprocess.run([sys.executable, "-m", "defect_detection.predict", f"paths.root_dir={tmp_path}",
+                           f"model={png}", f"images={png}", f"output={tmp_path}/p.csv"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "weights_only" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {png} cannot be loaded as a model")
+
+
+def test_bad_gradcam_layer_fails_before_training(tmp_path):
+    cfg = compose_train(tmp_path, "backbone.gradcam_layer=net.nope", "data.categories=[disc]",
+                        "log_model=false", "log_data_summary=false")
+    with pytest.raises(UserError, match="Grad-CAM layer net.nope"):
+        train(cfg)
+    assert not list((tmp_path / "outputs").rglob("*.ckpt"))  # stopped before the first epoch
+
+
+# -- 10. smaller ones -----------------------------------------------------------------------------
+
+def test_misplaced_split_fraction_is_an_error_naming_the_right_key(cfg_factory):
+    from defect_detection.schema import validate_train_config
+
+    with pytest.raises(UserError, match=r"split.val_fraction is not read.*set split.make.val_fraction=0.9"):
+        validate_train_config(cfg_factory("+split.val_fraction=0.9"))
+    validate_train_config(cfg_factory("split.make.val_fraction=0.3"))  # the right spelling passes
