@@ -149,7 +149,7 @@ def test_predict_fails_when_every_input_failed(bundle, tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(UserError, match=r"All 3 input\(s\) failed"):
         predict(predict_cfg(tmp_path, f"model={bundle}",
-                            f"input=[{folder},{tmp_path}/text.png,{tmp_path}/nowhere]"))
+                            f"images=[{folder},{tmp_path}/text.png,{tmp_path}/nowhere]"))
     table = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert list(table["path"]) == [str(folder / "loop.png"), str(tmp_path / "text.png"),
                                    str(tmp_path / "nowhere")]
