@@ -86,3 +86,11 @@ def test_bad_values_are_refused():
 def test_counts_use_greater_or_equal():
     c = counts_at(np.array([0.5, 0.5]), np.array([0, 1]), np.array([0.5]))
     assert (c["tp"][0], c["fp"][0]) == (1, 1)
+
+
+def test_saturated_good_scores_fall_back_to_the_fewest_false_positives_with_a_warning():
+    scores = np.array([0.1, 0.2, 1.0, 1.0, 1.0, 0.9])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    choice = choose_threshold("max_recall_at_fp", scores, labels, max_fp=0)
+    assert choice.counts["fp"] == 1 and choice.counts["fn"] == 0  # fewest FP, then most recall
+    assert any("p_defect = 1.0" in w for w in choice.warnings)

@@ -82,12 +82,18 @@ def choose_threshold(policy: str, scores, labels, *, value: float = 0.5, max_fp:
         ok = np.ones_like(ts, dtype=bool)
         if policy == "max_recall_at_fp":
             ok = c["fp"] <= max_fp
+            if not ok.any():  # good images at p_defect = 1.0 (saturated): no threshold in [0, 1] avoids them
+                ok = c["fp"] == c["fp"].min()
+                warnings.append(f"no threshold in [0, 1] keeps <= {max_fp} false positives on {chosen_on} "
+                                f"({int(c['fp'].min())} good images score p_defect = 1.0): using the "
+                                "fewest false positives")
             i = _best(ts, recall, c["fp"], ok)
             if recall[i] == 0:
                 warnings.append(f"no threshold reaches any recall with <= {max_fp} false positives "
                                 f"on {chosen_on}: the scores do not separate the classes")
         elif policy == "min_fp_at_recall":
             ok = recall >= min_recall - 1e-12
+            ok = ok if ok.any() else recall == recall.max()
             i = _best(ts, -c["fp"].astype(float), c["fp"], ok)
         elif policy == "f1_max":
             f1 = 2 * c["tp"] / np.maximum(2 * c["tp"] + c["fp"] + c["fn"], 1)
