@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -287,17 +287,6 @@ def build_geometry(cfg: Mapping | None, image_size=224) -> Geometry:
         raise UserError(f"input.scale={scale!r}: the fraction of native resolution the tiles are cut "
                         "from, in (0, 1] (1 = native).")
     return Tiles(size=tile, overlap=int(overlap), scale=float(scale))
-
-
-@dataclass
-class ImageSizes:
-    """Original (h, w) of every image, read from file headers (EXIF rotation applied)."""
-
-    hw: list[tuple[int, int]] = field(default_factory=list)
-
-    @classmethod
-    def read(cls, paths: Sequence[str]) -> ImageSizes:
-        return cls([header_hw(p) for p in paths])
 
 
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height

@@ -62,6 +62,18 @@ def duplicate_groups(records: Sequence[ImageRecord],
     return groups
 
 
+def stratum_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(test, val) images of a stratum of n; every stratum with enough images (>= 3) reaches val
+    and test so both can be scored."""
+    n_test = round(n * test_fraction) if test_fraction else 0
+    n_val = round(n * val_fraction) if val_fraction else 0
+    if test_fraction and n >= 3:
+        n_test = max(n_test, 1)
+    if val_fraction and n >= 3:
+        n_val = max(n_val, 1)
+    return n_test, n_val
+
+
 def stratified_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
                      test_fraction: float = 0.2, seed: int = 0,
                      content_hash: Callable[[str], str | None] | None = file_sha256) -> Split:
@@ -82,13 +94,7 @@ def stratified_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
         items = strata[key]
         rng.shuffle(items)
         n = sum(len(g) for g in items)
-        n_test = round(n * test_fraction) if test_fraction else 0
-        n_val = round(n * val_fraction) if val_fraction else 0
-        # Every stratum with enough images must reach val and test so both can be scored.
-        if test_fraction and n >= 3:
-            n_test = max(n_test, 1)
-        if val_fraction and n >= 3:
-            n_val = max(n_val, 1)
+        n_test, n_val = stratum_counts(n, val_fraction, test_fraction)
         # Fill test, then val, group by group (a duplicate group may overshoot by its size - 1).
         taken = {"test": 0, "val": 0}
         for group in items:

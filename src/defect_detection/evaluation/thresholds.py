@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from defect_detection import UserError
+from defect_detection.data.splits import stratum_counts
 
 log = logging.getLogger(__name__)
 POLICIES = ("fixed", "max_recall_at_fp", "min_fp_at_recall", "f1_max", "cost")
@@ -137,12 +138,7 @@ def min_stratum_for_val(val_fraction: float, test_fraction: float, limit: int = 
     """The fewest images of one (category, label) stratum that give val at least one of them, by the
     counting rule of data.splits.stratified_split (test is filled first)."""
     for n in range(1, limit):
-        n_test = round(n * test_fraction) if test_fraction else 0
-        n_val = round(n * val_fraction) if val_fraction else 0
-        if test_fraction and n >= 3:
-            n_test = max(n_test, 1)
-        if val_fraction and n >= 3:
-            n_val = max(n_val, 1)
+        n_test, n_val = stratum_counts(n, val_fraction, test_fraction)
         if min(n_val, n - n_test) >= 1:
             return n
     return limit

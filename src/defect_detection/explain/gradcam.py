@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from omegaconf import OmegaConf
@@ -141,22 +140,18 @@ def compute_cams(net: nn.Module, layer: str | nn.Module, images: torch.Tensor, *
 
 
 def load_mask(path: str | Path, size: int) -> torch.Tensor:
-    """A ground-truth mask resized exactly like its image (whole image to size x size), as bool.
-
-    Bilinear resize then >= half; a thin defect that vanishes at that cut keeps every touched pixel.
-    """
+    """A ground-truth mask resized exactly like its image (whole image to size x size), as bool,
+    by the one resize rule of the input geometries (Geometry.prepare_mask)."""
     from PIL import Image
+
+    from defect_detection.data.geometry import Square, size_hw
 
     try:
         with Image.open(path) as im:
             mask = im.convert("L")
     except OSError as err:
         raise UserError(f"Cannot read mask {path}: {err}. Remove or replace the file.") from err
-    if mask.size != (size, size):
-        mask = mask.resize((size, size), Image.Resampling.BILINEAR)
-    values = torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy())
-    binary = values >= 128
-    return binary if binary.any() else values > 0
+    return torch.from_numpy(Square(size=size_hw(size)).prepare_mask(mask))
 
 
 def native_maps(net: nn.Module, images: torch.Tensor, batch_size: int = 16) -> CamResult:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from defect_detection import CLASS_NAMES, UserError
-from defect_detection.data.geometry import Geometry, Square, build_geometry, size_hw
+from defect_detection.data.geometry import Geometry, build_geometry
 from defect_detection.data.images import load_rgb
 from defect_detection.models.aggregation import image_logits
 from defect_detection.models.batchnorm_folding import fold_batchnorm
@@ -74,11 +74,6 @@ def as_pil(item) -> Image.Image:
     if arr.dtype != np.uint8:
         arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
     return Image.fromarray(arr[..., :3])
-
-
-def image_array(item, size) -> np.ndarray:
-    """size x size x 3 uint8 RGB array (square geometry) of a path, PIL image or array."""
-    return Square(size=size_hw(size)).prepare(as_pil(item))
 
 
 def bundle_geometry(meta: dict) -> Geometry:
