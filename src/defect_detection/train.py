@@ -63,9 +63,12 @@ def build_datamodule(cfg: DictConfig) -> DefectDataModule:
     geometry, bb = build_input(cfg), cfg.backbone
     plan = plan_input(geometry, split, cfg.data.get("cache", "memory"), int(cfg.data.batch_size),
                       cfg.get("input", {}).get("images_per_batch"), load_masks=needs_masks(cfg))
+    eval_tf = build_eval_transform(geometry, bb.mean, bb.std)
+    # a family that only memorises the good parts (PatchCore) sees them unaugmented
+    train_tf = (build_train_transform(cfg.augmentation, geometry, bb.mean, bb.std)
+                if family(detector_name(cfg)).augments else eval_tf)
     datamodule = DefectDataModule(
-        split, cfg.data.image_size, build_train_transform(cfg.augmentation, geometry, bb.mean, bb.std),
-        build_eval_transform(geometry, bb.mean, bb.std), plan.batch_size, cfg.data.num_workers,
+        split, cfg.data.image_size, train_tf, eval_tf, plan.batch_size, cfg.data.num_workers,
         pin_memory=cfg.data.get("pin_memory", False),
         persistent_workers=cfg.data.get("persistent_workers", True),
         cache=plan.cache, cache_dir=cfg.data.get("cache_dir"), geometry=geometry,

@@ -23,6 +23,7 @@ class Family:
     build_net: Callable[[dict], nn.Module]  # bundle meta -> network with the trained state's shapes
     trainer: dict = field(default_factory=dict)  # trainer values the family needs (e.g. one epoch)
     uses_train_defects: bool = True
+    augments: bool = True  # whether train images are augmented (a memory bank wants them as seen)
 
 
 def family(name: str) -> Family:

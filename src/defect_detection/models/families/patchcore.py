@@ -136,6 +136,14 @@ class PatchCoreModule(DetectorModule):
         self._ignored_defects = 0
         self.bank_stats: dict[str, float] = {}
 
+    def train(self, mode: bool = True):
+        # The backbone is never trained: BatchNorm in train mode would normalise the bank's
+        # patches with batch statistics (and drift the running ones) while test patches use the
+        # running ones, so bank and test features would not be comparable.
+        super().train(mode)
+        self.net.eval()
+        return self
+
     def training_step(self, batch, batch_idx):
         b: Batch = _as_batch(batch)
         per_input = b.y if b.counts is None else torch.repeat_interleave(b.y, b.counts)

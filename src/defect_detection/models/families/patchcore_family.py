@@ -25,4 +25,5 @@ def build_net(meta: dict) -> PatchCoreNet:
 
 
 # one pass over the good training images builds the bank: one epoch, no early stopping needed
-FAMILY = Family("patchcore", build_module, build_net, trainer={"max_epochs": 1}, uses_train_defects=False)
+FAMILY = Family("patchcore", build_module, build_net, trainer={"max_epochs": 1}, uses_train_defects=False,
+                augments=False)
