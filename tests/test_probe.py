@@ -5,7 +5,6 @@ Each test failed before its fix; together they keep the README's reliability tab
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 from PIL import Image
-from pytorch_lightning.callbacks import Callback
 
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
@@ -78,21 +76,10 @@ def test_promote_on_a_loss_picks_the_lowest_and_refuses_a_higher_one(loss_store)
 
 # -- 3. SIGTERM ends training non-zero, KILLED, with the signal named and the resume hint -----------
 
-class SigtermAt(Callback):
-    """Sends this process a real SIGTERM (what timeout, SLURM and Kubernetes send) at `epoch`."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.current_epoch == self.epoch and batch_idx == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def test_sigterm_exits_143_kills_the_run_and_keeps_the_resume_hint(shared, caplog):
     handler = signal.getsignal(signal.SIGTERM)
     cfg = _cfg(shared, "sigterm", "trainer.max_epochs=2", "experiment_name=probe-sigterm",
-               "+callbacks.stop={_target_:tests.test_probe.SigtermAt,epoch:1}")
+               "+callbacks.stop={_target_:tests.test_resume.SignalAt,epoch:1,name:SIGTERM}")
     try:
         with pytest.raises(SystemExit) as stop:
             train(cfg)

@@ -23,15 +23,16 @@ FAST = ("log_model=false", "explain=none", "log_data_summary=false", "data.categ
         "callbacks.early_stopping=null")
 
 
-class SigintAt(Callback):
-    """Sends this process a real SIGINT (what Ctrl-C does) at the first batch of `epoch`."""
+class SignalAt(Callback):
+    """Sends this process a real signal at the first batch of `epoch`: SIGINT (what Ctrl-C does)
+    by default, SIGTERM (what timeout, SLURM and Kubernetes send) with name=SIGTERM."""
 
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, epoch: int, name: str = "SIGINT") -> None:
+        self.epoch, self.signum = epoch, getattr(signal, name)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == 0:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.signum)
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def uninterrupted(shared):
 def test_ctrl_c_then_resume_matches_an_uninterrupted_run(shared, uninterrupted, restore_sigint):
     cfg_a, result_a = uninterrupted
     cfg_b = _cfg(shared, "interrupted", "trainer.max_epochs=2",
-                 "+callbacks.interrupt={_target_:tests.test_resume.SigintAt,epoch:1}")
+                 "+callbacks.interrupt={_target_:tests.test_resume.SignalAt,epoch:1}")
     with pytest.raises(SystemExit):  # Lightning's graceful Ctrl-C ends in sys.exit(1)
         train(cfg_b)
     client = MlflowClient(cfg_b.logger.tracking_uri)
@@ -109,7 +110,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(shared, uninterrupted, 
 @pytest.mark.slow
 def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(shared, restore_sigint, caplog):
     cfg = _cfg(shared, "early", "trainer.max_epochs=2", "experiment_name=early-stop",
-               "+callbacks.interrupt={_target_:tests.test_resume.SigintAt,epoch:0}")
+               "+callbacks.interrupt={_target_:tests.test_resume.SignalAt,epoch:0}")
     with pytest.raises(SystemExit):
         train(cfg)
     assert "before its first epoch ended" in caplog.text
