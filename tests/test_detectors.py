@@ -94,21 +94,16 @@ def test_patchcore_builds_its_bank_from_the_frozen_eval_mode_backbone(tmp_path, 
     from defect_detection.models.features import FeatureExtractor
 
     built = {}
-    real_build, real_dm = train_mod.build_module, train_mod.build_datamodule
 
-    def keep_module(*args, **kwargs):
-        built["module"] = real_build(*args, **kwargs)
-        return built["module"]
+    def keeping(name: str) -> None:  # train as usual, but keep what train_mod.<name> built
+        real = getattr(train_mod, name)
+        monkeypatch.setattr(train_mod, name, lambda *a, **k: built.setdefault(name, real(*a, **k)))
 
-    def keep_datamodule(*args, **kwargs):
-        built["dm"] = real_dm(*args, **kwargs)
-        return built["dm"]
-
-    monkeypatch.setattr(train_mod, "build_module", keep_module)
-    monkeypatch.setattr(train_mod, "build_datamodule", keep_datamodule)
+    keeping("build_module")
+    keeping("build_datamodule")
     cfg = compose_train(tmp_path, "detector=patchcore", "logger=none", "augmentation=seed_strong")
     train(cfg)
-    net, dm = built["module"].net, built["dm"]
+    net, dm = built["build_module"].net, built["build_datamodule"]
     fresh = FeatureExtractor(cfg.backbone.name, list(cfg.detector.strides), cfg.backbone.pretrained,
                              cfg.backbone.weights_path).state_dict()
     stats = {k: v for k, v in net.features.state_dict().items() if "running_" in k}
