@@ -47,7 +47,9 @@ def _train_and_reload(root: Path, *overrides: str):
     ("input=letterbox", "data.image_size=[48,64]"),
     ("detector=patchcore",),
     ("detector=patchcore", "input=tiles", "input.tile_size=32", "input.overlap=0"),
-], ids=["tiles", "letterbox", "patchcore", "patchcore-tiles"])
+    ("detector=segmenter",),
+    ("detector=segmenter", "input=tiles", "input.tile_size=32", "input.overlap=8"),
+], ids=["tiles", "letterbox", "patchcore", "patchcore-tiles", "segmenter", "segmenter-tiles"])
 def test_the_logged_model_decides_test_images_as_evaluation_did(tmp_path, overrides):
     cfg, result, table, predictor = _train_and_reload(tmp_path, *overrides)
     p = predictor.p_defect(list(table.path))
@@ -58,7 +60,7 @@ def test_the_logged_model_decides_test_images_as_evaluation_did(tmp_path, overri
     assert meta["input"]["name"] == cfg.input.name and meta["family"] == cfg.detector.name
     client = mlflow.MlflowClient(cfg.logger.tracking_uri)
     summary = client.download_artifacts(result["run_id"], "gradcam/summary.json")
-    assert ("anomaly_map" if cfg.detector.name == "patchcore" else "gradcam") in Path(summary).read_text()
+    assert ("gradcam" if cfg.detector.name == "classifier" else "anomaly_map") in Path(summary).read_text()
 
 
 def test_patchcore_without_good_train_images_says_what_fits(tmp_path, monkeypatch):
@@ -75,11 +77,13 @@ def test_patchcore_without_good_train_images_says_what_fits(tmp_path, monkeypatc
         train(cfg)
 
 
-def test_tiles_export_to_onnx_with_parity(tmp_path):
+@pytest.mark.parametrize("overrides", [("input=tiles", "input.tile_size=32", "input.overlap=8"),
+                                       ("detector=patchcore",), ("detector=segmenter",)],
+                         ids=["tiles", "patchcore", "segmenter"])
+def test_every_family_and_tiles_export_to_onnx_with_parity(tmp_path, overrides):
     from defect_detection.export import export
 
-    cfg, result, table, predictor = _train_and_reload(tmp_path, "input=tiles", "input.tile_size=32",
-                                                      "input.overlap=8")
+    cfg, result, table, predictor = _train_and_reload(tmp_path, *overrides)
     report = export(f"runs:/{result['run_id']}/model", tmp_path / "m.onnx", images=list(table.path[:4]))
     assert report["parity"]["max_abs_diff_p_defect"] <= 1e-4
     onnx = load_predictor(tmp_path / "m.onnx")
@@ -109,3 +113,66 @@ def test_patchcore_builds_its_bank_from_the_frozen_eval_mode_backbone(tmp_path, 
     stats = {k: v for k, v in net.features.state_dict().items() if "running_" in k}
     assert stats and all(torch.equal(v, fresh[k]) for k, v in stats.items())
     assert dm.train_transform is dm.eval_transform  # the bank sees the goods as test will
+
+
+def _without_train_masks(monkeypatch):
+    import dataclasses
+
+    from defect_detection.data import splits
+
+    real = splits.Split
+
+    def strip(train, val, test, *args, **kwargs):
+        return real([dataclasses.replace(r, mask_path=None) for r in train], val, test, *args, **kwargs)
+
+    monkeypatch.setattr(splits, "Split", strip)
+
+
+def test_segmenter_without_train_masks_says_which_family_fits(tmp_path, monkeypatch):
+    _without_train_masks(monkeypatch)
+    cfg = compose_train(tmp_path, "detector=segmenter", "logger=none")
+    with pytest.raises(UserError, match="no train defect image has one.*detector=classifier.*detector=patchcore"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("damage", ["resized", "corrupt"])
+def test_segmenter_names_a_bad_mask_file_and_the_fix(tmp_path, damage):
+    from PIL import Image
+
+    cfg = compose_train(tmp_path, "detector=segmenter", "logger=none")
+    train_records = __import__("hydra").utils.instantiate(cfg.data.records)  # writes the synthetic set
+    mask = next(r.mask_path for r in train_records if r.mask_path)
+    if damage == "resized":
+        Image.new("L", (17, 9)).save(mask)
+        expected = "is 17 x 9 px but its image is .*Re-export the mask"
+    else:
+        Path(mask).write_bytes(b"not a png")
+        expected = "not an image PIL can identify.*\\(mask\\)\nFix or remove them"
+    with pytest.raises(UserError, match=expected) as err:
+        train(cfg)
+    assert Path(mask).name in str(err.value)
+
+
+def test_mask_fraction_keeps_a_seeded_share_of_the_masks():
+    from defect_detection.models.families.segmenter import choose_masks
+
+    has = [True] * 8 + [False] * 4
+    kept = choose_masks(has, 0.25, seed=3)
+    assert int(kept.sum()) == 2 and not kept[8:].any()
+    assert torch.equal(kept, choose_masks(has, 0.25, seed=3))
+    assert not torch.equal(kept, choose_masks(has, 0.25, seed=4)) or not torch.equal(
+        kept, choose_masks(has, 0.25, seed=5))
+    assert int(choose_masks(has, 0.01, seed=0).sum()) == 1  # at least one mask when any exists
+    assert torch.equal(choose_masks(has, 1.0, seed=0), torch.tensor(has))
+
+
+@pytest.mark.parametrize("backbone, frozen, trained", [
+    ("efficientnet_lite0", "blocks.2", "blocks.3"), ("resnet18", "layer2", "layer3")])
+def test_segmenter_freezes_the_backbone_through_its_frozen_stride(backbone, frozen, trained):
+    from defect_detection.models.families.segmenter import SegmenterNet
+
+    net = SegmenterNet(backbone, pretrained=False)
+    names = {id(m): n for n, m in net.features.body.named_modules()}
+    chosen = [names[id(m)] for m in net.frozen_modules(8)]
+    assert frozen in chosen and trained not in chosen
+    assert not net.frozen_modules(0)

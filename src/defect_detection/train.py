@@ -60,6 +60,8 @@ def build_datamodule(cfg: DictConfig) -> DefectDataModule:
     # every file checked before the split: error lists all bad files, skip drops them (data/validate.py)
     records, bad = screened_records(cfg)
     split = instantiate(cfg.split.make)(records)
+    if check := family(detector_name(cfg)).check_split:  # data the family cannot learn from: say so now
+        check(cfg, split)
     geometry, bb = build_input(cfg), cfg.backbone
     plan = plan_input(geometry, split, cfg.data.get("cache", "memory"), int(cfg.data.batch_size),
                       cfg.get("input", {}).get("images_per_batch"), load_masks=needs_masks(cfg))
@@ -79,9 +81,11 @@ def build_datamodule(cfg: DictConfig) -> DefectDataModule:
 
 
 def needs_masks(cfg: DictConfig) -> bool:
-    """Whether training reads the ground-truth masks (tile labels from masks)."""
+    """Whether training reads the ground-truth masks (a family that learns from them, or tile
+    labels from masks)."""
     inp = cfg.get("input") or {}
-    return inp.get("name") == "tiles" and float(inp.get("tile_loss_weight", 0) or 0) > 0
+    tile_labels = inp.get("name") == "tiles" and float(inp.get("tile_loss_weight", 0) or 0) > 0
+    return tile_labels or family(detector_name(cfg)).needs_masks
 
 
 def build_module(cfg: DictConfig, class_counts: tuple[int, int]):

@@ -158,12 +158,13 @@ def augmented_batch_figure(dataset, indices: Sequence[int], mean: Sequence[float
                            seed: int = 0) -> Figure:
     """What the model sees: train-transformed items, de-normalised, titled with their labels.
 
-    `dataset[i]` yields (normalised CHW tensor, label, index) like TensorImageDataset. The global
+    `dataset[i]` yields (normalised CHW tensor, label, index[, mask, has_mask]) like
+    TensorImageDataset (masks, when loaded, are not drawn). The global
     torch RNG is forked, so drawing the preview leaves training's random stream untouched.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        items = [dataset[int(i)] for i in indices]
+        items = [tuple(dataset[int(i)])[:3] for i in indices]
     mean_t = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
     cols = min(4, max(len(items), 1))

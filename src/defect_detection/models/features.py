@@ -65,3 +65,45 @@ class FeatureExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = self.body(x)
         return list(out.values()) if isinstance(out, dict) else list(out)
+
+
+def _units(body: nn.Module) -> list[nn.Module]:
+    """The body's modules in forward order, stages opened one level (timm's `blocks`, ResNet's
+    layerN), so freezing can stop at any stride."""
+    units: list[nn.Module] = []
+    for child in body.children():
+        units += list(child.children()) if isinstance(child, nn.Sequential) else [child]
+    return units
+
+
+def modules_through_stride(body: nn.Module, stride: int, probe: int = 64) -> list[nn.Module]:
+    """The body's units whose outputs all have a stride <= `stride` (measured on a probe input),
+    i.e. everything that computes the features up to and including that stride.
+
+    Strides are read off the leaf modules: a traced torchvision extractor calls its leaves, not
+    the blocks that hold them."""
+    strides: dict[int, int] = {}
+
+    def record(key: int):
+        def hook(_module, _inputs, out) -> None:
+            if isinstance(out, torch.Tensor) and out.dim() == 4:
+                strides[key] = max(strides.get(key, 0), probe // out.shape[-1])
+        return hook
+
+    leaves = [m for m in body.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(record(id(m))) for m in leaves]
+    try:
+        was = body.training
+        body.eval()
+        with torch.no_grad():
+            body(torch.zeros(1, 3, probe, probe))
+        body.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    chosen = []
+    for unit in _units(body):
+        seen = [strides[id(m)] for m in unit.modules() if id(m) in strides]
+        if seen and max(seen) <= stride:
+            chosen.append(unit)
+    return chosen

@@ -1,4 +1,4 @@
-"""Detector families behind one contract (`detector=classifier|patchcore`).
+"""Detector families behind one contract (`detector=classifier|patchcore|segmenter`).
 
 Each family says how to build its LightningModule from the run's config (training) and its
 network from a bundle's meta (predict, serve, export). Everything else (threshold on val,
@@ -24,12 +24,14 @@ class Family:
     trainer: dict = field(default_factory=dict)  # trainer values the family needs (e.g. one epoch)
     uses_train_defects: bool = True
     augments: bool = True  # whether train images are augmented (a memory bank wants them as seen)
+    needs_masks: bool = False  # whether training reads the ground-truth masks
+    check_split: Callable | None = None  # (cfg, split) -> None: refuses data the family cannot learn from
 
 
 def family(name: str) -> Family:
-    from defect_detection.models.families import classifier, patchcore_family
+    from defect_detection.models.families import classifier, patchcore_family, segmenter_family
 
-    families = {f.name: f for f in (classifier.FAMILY, patchcore_family.FAMILY)}
+    families = {f.name: f for f in (classifier.FAMILY, patchcore_family.FAMILY, segmenter_family.FAMILY)}
     if name not in families:
         raise UserError(f"detector={name!r} is not a detector family: use one of {sorted(families)}.")
     return families[name]

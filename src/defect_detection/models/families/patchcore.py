@@ -38,6 +38,10 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 40
     """Euclidean distance of each query row to its nearest bank row (batched matmul, chunked so
     the distance matrix stays small: ||q||^2 - 2 q.b + ||b||^2)."""
     bank_sq = (bank * bank).sum(1)
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        # an exported graph has a symbolic batch: a Python loop over its size would fix it
+        d2 = (queries * queries).sum(1, keepdim=True) - 2.0 * queries @ bank.T + bank_sq[None]
+        return d2.amin(1).clamp_min(0).sqrt()
     out = []
     for start in range(0, len(queries), chunk):
         q = queries[start:start + chunk]
@@ -100,7 +104,7 @@ class PatchCoreNet(nn.Module):
         emb = self.embed(x)
         n, d, h, w = emb.shape
         flat = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        return nearest_distances(flat, self.bank.float()).view(n, h, w)
+        return nearest_distances(flat, self.bank.float()).view(-1, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         score = self.patch_distances(x).flatten(1).amax(1)
