@@ -131,7 +131,8 @@ def _without_train_masks(monkeypatch):
 def test_segmenter_without_train_masks_says_which_family_fits(tmp_path, monkeypatch):
     _without_train_masks(monkeypatch)
     cfg = compose_train(tmp_path, "detector=segmenter", "logger=none")
-    with pytest.raises(UserError, match="no train defect image has one.*detector=classifier.*detector=patchcore"):
+    fits = "no train defect image has one.*detector=classifier.*detector=patchcore"
+    with pytest.raises(UserError, match=fits):
         train(cfg)
 
 

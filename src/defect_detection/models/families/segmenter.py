@@ -58,7 +58,8 @@ class SegmenterNet(nn.Module):
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         """N x H x W defect probability per pixel (the segmentation upsampled to the input)."""
         seg = self.outputs(x)[1].float()
-        return F.interpolate(seg, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0].sigmoid()
+        up = F.interpolate(seg, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        return up[:, 0].sigmoid()
 
     def frozen_modules(self, stride: int) -> list[nn.Module]:
         """The backbone modules up to `stride` (0: none), which keep their ImageNet weights."""
@@ -85,7 +86,8 @@ class SegmenterModule(DetectorModule):
                  aggregate: Mapping | None = None) -> None:
         super().__init__(net, loss_fn, optimizer, scheduler, frozen_bn, mean, std, 0.5, channels_last, meta,
                          fold_batchnorm, aggregate)
-        self.pixel_loss_weight, self.mask_fraction, self.seed = float(pixel_loss_weight), float(mask_fraction), seed
+        self.pixel_loss_weight, self.mask_fraction = float(pixel_loss_weight), float(mask_fraction)
+        self.seed = int(seed)
         self.mask_used: torch.Tensor | None = None  # per train record: its mask trains the pixel loss
 
     def on_fit_start(self) -> None:

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from hydra.utils import instantiate
-from torch import nn
 from omegaconf import DictConfig
+from torch import nn
 
 from defect_detection import UserError
 from defect_detection.data.splits import Split
