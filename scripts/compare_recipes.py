@@ -45,6 +45,8 @@ EXPERIMENT = "recipe-comparison"
 COLUMNS = [("test AUROC", "test/auroc", min), ("test recall", "test/recall", min),
            ("test FP", "test/fp", max), ("test FN", "test/fn", max), ("val AUROC", "val/auroc", min),
            ("val margin", "val/margin", min)]
+# with --maps: the localisation of each family's own map on the masked test images
+MAP_COLUMNS = [("pixel AUROC", "test/cam_pixel_auroc", min), ("pointing game", "test/cam_pointing_game", min)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,9 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="`default`, an experiment overlay name (conf/experiment/<name>.yaml), or "
                         "'LABEL:OVERRIDE OVERRIDE...' (the default recipe with those overrides, e.g. "
                         "'tiles:input=tiles input.scale=0.5')")
-    p.add_argument("--data", choices=["mvtec", "folder"], default="mvtec",
+    p.add_argument("--data", choices=["mvtec", "folder", "synthetic"], default="mvtec",
                    help="layout of --data-root: mvtec (<category>/train, test) or folder "
-                        "(good/, defect/<type>/)")
+                        "(good/, defect/<type>/); synthetic: the generated parts with masks of "
+                        "conf/data/synthetic.yaml (--data-root and --categories unused)")
+    p.add_argument("--maps", action="store_true",
+                   help="also compute each run's maps on test and report their localisation against "
+                        "the masks (pixel AUROC, pointing game)")
     p.add_argument("--out", default=str(project_root() / "outputs" / "recipe_comparison.md"))
     p.add_argument("--experiment-name", default=EXPERIMENT)
     p.add_argument("--full-logging", action="store_true",
@@ -82,14 +88,16 @@ def recipe_label(recipe: str) -> str:
 
 def run_overrides(args: argparse.Namespace, recipe: str, seed: int, out_dir: Path) -> list[str]:
     cats = ",".join(args.categories)
-    data = ([f"data.categories=[{cats}]"] if args.data == "mvtec" else [])
+    data = [f"data={args.data}"] + ([f"data.root={args.data_root}"] if args.data != "synthetic" else [])
+    data += [f"data.categories=[{cats}]"] if args.data == "mvtec" else []
     label = recipe_label(recipe)
     ov = recipe_overrides(recipe) + [
-        f"data={args.data}", f"data.root={args.data_root}", *data, "data.cache=disk",
+        *data, "data.cache=disk",
         f"seed={seed}", f"experiment_name={args.experiment_name}", f"run_name={label}-seed{seed}",
         f"paths.output_dir={out_dir / f'{label}-seed{seed}'}", "callbacks.progress_bar=null"]
     if not args.full_logging:
-        ov += ["log_model=false", "log_data_summary=false", "explain=none"]
+        ov += ["log_model=false", "log_data_summary=false"]
+        ov += ["explain.n_per_group=1", "explain.max_images=8"] if args.maps else ["explain=none"]
     return ov + list(args.overrides)
 
 
@@ -100,7 +108,9 @@ def fmt(values: list[float], worst, digits: int) -> tuple[str, str]:
 
 
 def markdown(args: argparse.Namespace, rows: list[dict], command: str, wall_s: float) -> str:
-    where = ", ".join(args.categories) if args.data == "mvtec" else Path(args.data_root).name
+    where = {"mvtec": ", ".join(args.categories), "synthetic": "synthetic parts (conf/data/synthetic.yaml)"
+             }.get(args.data, Path(args.data_root).name)
+    columns = COLUMNS + [c for c in MAP_COLUMNS if any(c[1] in r for r in rows)]
     recipes = "; ".join(f"{recipe_label(r)} = {' '.join(recipe_overrides(r)) or 'the defaults'}"
                         for r in args.recipes)
     lines = [f"# Recipe comparison: {', '.join(map(recipe_label, args.recipes))} on {where}", "",
@@ -113,15 +123,15 @@ def markdown(args: argparse.Namespace, rows: list[dict], command: str, wall_s: f
              "(how much room the val-chosen threshold has; AUROC is 1.000 however thin it is). "
              f"Mean ± sample std over seeds; worst = min for AUROC/recall/margin, max for FP/FN. "
              f"Total wall time {wall_s / 60:.1f} min ({datetime.now():%Y-%m-%d %H:%M}).", "",
-             "| recipe | " + " | ".join(f"{c} mean ± std | {c} worst" for c, _, _ in COLUMNS)
+             "| recipe | " + " | ".join(f"{c} mean ± std | {c} worst" for c, _, _ in columns)
              + " | train+eval s/run |",
-             "|---" * (2 + 2 * len(COLUMNS)) + "|"]
+             "|---" * (2 + 2 * len(columns)) + "|"]
     for recipe in map(recipe_label, args.recipes):
         mine = [r for r in rows if r["recipe"] == recipe]
         if not mine:
             continue
         cells = []
-        for _, key, worst in COLUMNS:
+        for _, key, worst in columns:
             digits = 0 if key in ("test/fp", "test/fn") else 3
             cells += fmt([r.get(key, float("nan")) for r in mine], worst, digits if digits else 1)
         secs = statistics.fmean(r["seconds"] for r in mine)
@@ -180,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                              "threshold": result["threshold"],
                              "epochs": len(history) - 1,  # the last val/auroc is the best checkpoint's
                              **{k: float(v) for k, v in {**result["val"], **result["test"]}.items()}})
+                logged = client.get_run(result["run_id"]).data.metrics
+                rows[-1].update({key: logged[key] for _, key, _ in MAP_COLUMNS if key in logged})
                 logging.info("%s seed %d: test auroc %.4f recall %.3f fp %d fn %d (%.0f s)", recipe, seed,
                              rows[-1]["test/auroc"], rows[-1]["test/recall"], rows[-1]["test/fp"],
                              rows[-1]["test/fn"], seconds)

@@ -33,6 +33,19 @@ def test_synthetic_is_deterministic(tmp_path):
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(b / path.relative_to(a))))
 
 
+def test_small_faint_synthetic_defects_shrink_their_masks_and_keep_the_goods(tmp_path):
+    base = generate_synthetic(tmp_path / "a", ["plate"], 2, 1, 3, 64, seed=1)
+    small = generate_synthetic(tmp_path / "b", ["plate"], 2, 1, 3, 64, seed=1, defect_scale=0.5,
+                               defect_contrast=0.5)
+    area = {root: sum(int((np.asarray(Image.open(m)) > 0).sum()) for m in root.rglob("*_mask.png"))
+            for root in (base, small)}
+    assert 0 < area[small] < 0.6 * area[base]
+    for good in sorted((base / "plate" / "train" / "good").glob("*.png")):  # same parts, same rng
+        assert np.array_equal(np.asarray(Image.open(good)), np.asarray(Image.open(small / good.relative_to(base))))
+    with pytest.raises(ValueError, match="defect_scale=0"):
+        generate_synthetic(tmp_path / "c", ["plate"], defect_scale=0)
+
+
 def test_synthetic_generated_by_two_processes_at_once_is_complete(tmp_path):
     """Parallel sweep trials on a fresh checkout generate the same root at the same time."""
     import multiprocessing

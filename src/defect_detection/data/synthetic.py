@@ -40,12 +40,13 @@ def _texture(category: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(rgb + noise[..., None], 0, 255)
 
 
-def _defect_mask(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+def _defect_mask(kind: str, size: int, rng: np.random.Generator, scale: float = 1.0) -> Image.Image:
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     lo, hi = int(size * 0.25), int(size * 0.75)
     cx, cy = rng.integers(lo, hi, 2)
-    width = max(2, size // 40)
+    width = max(2, size // 40) if scale == 1.0 else max(1, round(size / 40 * scale))
+    size = size * scale  # lengths and radii below
     if kind == "scratch":
         angle = rng.uniform(0, np.pi)
         half = rng.uniform(0.12, 0.22) * size
@@ -66,8 +67,8 @@ def _defect_mask(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     return mask
 
 
-def _apply_defect(image: np.ndarray, mask: Image.Image, kind: str) -> np.ndarray:
-    m = np.asarray(mask.filter(ImageFilter.GaussianBlur(0.7)), dtype=np.float32)[..., None] / 255
+def _apply_defect(image: np.ndarray, mask: Image.Image, kind: str, contrast: float = 1.0) -> np.ndarray:
+    m = contrast * np.asarray(mask.filter(ImageFilter.GaussianBlur(0.7)), dtype=np.float32)[..., None] / 255
     colour = {"scratch": (235, 235, 225), "spot": (60, 35, 20), "crack": (15, 15, 15)}[kind]
     return image * (1 - m) + np.asarray(colour, np.float32) * m
 
@@ -85,8 +86,13 @@ def generate_synthetic(
     n_per_defect: int = 8,
     image_size: int = 128,
     seed: int = 0,
+    defect_scale: float = 1.0,
+    defect_contrast: float = 1.0,
 ) -> Path:
     """Write the dataset under root (skipped when an identical one is already there).
+
+    `defect_scale` shrinks the defects (length, radius, line width) and `defect_contrast` blends
+    them into the part (1: drawn at full colour), for lines whose defects are small and faint.
 
     Processes that generate the same root at once (parallel sweep trials on a fresh checkout)
     each write their own temporary folder and rename it into place; one that loses the race
@@ -96,6 +102,10 @@ def generate_synthetic(
     root = Path(root).expanduser()
     params = dict(categories=list(categories), n_train_good=n_train_good, n_test_good=n_test_good,
                   n_per_defect=n_per_defect, image_size=image_size, seed=seed)
+    if defect_scale != 1.0 or defect_contrast != 1.0:  # the defaults keep earlier markers valid
+        params.update(defect_scale=float(defect_scale), defect_contrast=float(defect_contrast))
+    if not (0 < defect_scale <= 1 and 0 < defect_contrast <= 1):
+        raise ValueError(f"defect_scale={defect_scale}, defect_contrast={defect_contrast}: both must be in (0, 1].")
     if _generated(root, params):
         return root
     unknown = sorted(set(categories) - set(CATEGORIES))
@@ -136,8 +146,9 @@ def _write(tmp: Path, params: dict) -> None:
             _save(_texture(category, image_size, rng), cat / "test" / "good" / f"{i:03d}.png")
         for kind in DEFECT_TYPES:
             for i in range(n_per_defect):
-                mask = _defect_mask(kind, image_size, rng)
-                image = _apply_defect(_texture(category, image_size, rng), mask, kind)
+                mask = _defect_mask(kind, image_size, rng, params.get("defect_scale", 1.0))
+                image = _apply_defect(_texture(category, image_size, rng), mask, kind,
+                                      params.get("defect_contrast", 1.0))
                 _save(image, cat / "test" / kind / f"{i:03d}.png")
                 mask_path = cat / "ground_truth" / kind / f"{i:03d}_mask.png"
                 mask_path.parent.mkdir(parents=True, exist_ok=True)
