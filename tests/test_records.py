@@ -41,7 +41,8 @@ def test_small_faint_synthetic_defects_shrink_their_masks_and_keep_the_goods(tmp
             for root in (base, small)}
     assert 0 < area[small] < 0.6 * area[base]
     for good in sorted((base / "plate" / "train" / "good").glob("*.png")):  # same parts, same rng
-        assert np.array_equal(np.asarray(Image.open(good)), np.asarray(Image.open(small / good.relative_to(base))))
+        twin = small / good.relative_to(base)
+        assert np.array_equal(np.asarray(Image.open(good)), np.asarray(Image.open(twin)))
     with pytest.raises(ValueError, match="defect_scale=0"):
         generate_synthetic(tmp_path / "c", ["plate"], defect_scale=0)
 

@@ -105,7 +105,8 @@ def generate_synthetic(
     if defect_scale != 1.0 or defect_contrast != 1.0:  # the defaults keep earlier markers valid
         params.update(defect_scale=float(defect_scale), defect_contrast=float(defect_contrast))
     if not (0 < defect_scale <= 1 and 0 < defect_contrast <= 1):
-        raise ValueError(f"defect_scale={defect_scale}, defect_contrast={defect_contrast}: both must be in (0, 1].")
+        raise ValueError(f"defect_scale={defect_scale}, defect_contrast={defect_contrast}: "
+                         "both must be in (0, 1].")
     if _generated(root, params):
         return root
     unknown = sorted(set(categories) - set(CATEGORIES))
