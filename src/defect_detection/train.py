@@ -229,7 +229,13 @@ def _log_results(tracker: RunTracker, cfg: DictConfig, module: DetectorModule, c
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
-    if in_multirun():  # one failing trial must not end the sweep: its run is FAILED with the error
+    if (cfg.get("auto") or {}).get("enabled"):  # experiment=auto: candidates under one parent run
+        from hydra.core.hydra_config import HydraConfig
+
+        from defect_detection.auto.entry import run_auto_recipe
+
+        metrics = run_auto_recipe(cfg, list(HydraConfig.get().overrides.task))
+    elif in_multirun():  # one failing trial must not end the sweep: its run is FAILED with the error
         try:
             metrics = train(cfg)
         except Exception as err:

@@ -1,0 +1,211 @@
+"""Run the auto recipe's candidates under one parent MLflow run, within a wall-clock budget.
+
+Candidates are ranked on validation only (AUROC, then val margin, then time). The parent run's
+table shows validation numbers for every candidate and the test numbers of the winner alone, so
+nothing is chosen on test. Candidates are ordinary runs nested under the parent (tagged like a
+sweep's trials: `defect-promote sweep=latest` or `run_id=<winner>` promotes the winner).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import pandas as pd
+from mlflow import MlflowClient
+from omegaconf import DictConfig
+
+from defect_detection.auto.candidates import Candidate, candidates
+from defect_detection.auto.profile import DataProfile, profile_split
+from defect_detection.data.geometry import size_hw
+from defect_detection.data.summary import markdown_table
+from defect_detection.data.validate import screened_records
+from defect_detection.tracking.comparison import ROLE_TAG
+from defect_detection.tracking.mlflow_run import artifact_uri, ensure_local_store, get_or_create_experiment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    candidate: Candidate
+    status: str  # finished, failed, skipped
+    seconds: float = 0.0
+    estimate_s: float | None = None
+    result: dict = field(default_factory=dict)
+    note: str = ""
+
+    def val(self, key: str) -> float:
+        v = self.result.get("val", {}).get(key)
+        return float(v) if v is not None else float("nan")
+
+
+def estimate_seconds(c: Candidate, done: Sequence[Outcome]) -> float | None:
+    """A finished candidate of the same family scaled by pixels per image, else the first
+    finished candidate scaled by pixels; None before any finished."""
+    finished = [o for o in done if o.status == "finished"]
+    if not finished:
+        return None
+    same = [o for o in finished if o.candidate.family == c.family] or finished[:1]
+    ref = same[0]
+    return ref.seconds * c.pixels / max(1, ref.candidate.pixels)
+
+
+def rank(outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """Finished candidates, best first: val AUROC, then val margin, then the faster."""
+
+    def key(o: Outcome):
+        auroc, margin = o.val("val/auroc"), o.val("val/margin")
+        return (
+            -(auroc if not math.isnan(auroc) else -1),
+            -(margin if not math.isnan(margin) else -1e9),
+            o.seconds,
+        )
+
+    return sorted([o for o in outcomes if o.status == "finished"], key=key)
+
+
+def table(outcomes: Sequence[Outcome], winner: Outcome | None) -> pd.DataFrame:
+    rows = []
+    for k, o in enumerate(outcomes, 1):
+        row = {
+            "order": k,
+            "candidate": o.candidate.label,
+            "status": o.status,
+            "val AUROC": o.val("val/auroc"),
+            "val margin": o.val("val/margin"),
+            "minutes": round(o.seconds / 60, 2),
+            "estimate minutes": None if o.estimate_s is None else round(o.estimate_s / 60, 2),
+            "winner": o is winner,
+            "why": o.candidate.reason,
+            "note": o.note,
+            "run_id": o.result.get("run_id", ""),
+            "overrides": " ".join(o.candidate.overrides),
+        }
+        for key in ("test/auroc", "test/recall", "test/fp", "test/fn"):  # the winner's alone
+            row[key] = (
+                float(o.result["test"][key]) if o is winner and key in o.result.get("test", {}) else None
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_auto(
+    cfg: DictConfig,
+    user_overrides: Sequence[str],
+    train_one: Callable[[list[str]], dict],
+    compose_one: Callable[[list[str]], DictConfig],
+) -> dict:
+    """Profile the data, run the candidates within `auto.budget_minutes`, return the winner's result.
+
+    `compose_one(overrides)` composes a candidate's config, `train_one(cfg)` trains it (the
+    real train); both injected so the entry point stays thin."""
+    from hydra.utils import instantiate
+
+    auto = cfg.auto
+    began = time.perf_counter()
+    budget_s = 60.0 * float(auto.budget_minutes)
+    records, _ = screened_records(cfg)
+    profile: DataProfile = profile_split(instantiate(cfg.split.make)(records))
+    size = max(size_hw(cfg.data.image_size))
+    todo = candidates(
+        profile,
+        size,
+        elongated_aspect=float(auto.elongated_aspect),
+        large_factor=float(auto.large_factor),
+        min_train_defects=int(auto.min_train_defects),
+    )
+    if auto.get("max_candidates"):
+        todo = todo[: int(auto.max_candidates)]
+    log.info("auto: %s -> %d candidates: %s", profile.describe(), len(todo), ", ".join(c.label for c in todo))
+
+    uri = cfg.logger.tracking_uri
+    ensure_local_store(uri)
+    client = MlflowClient(uri)
+    exp_id = get_or_create_experiment(
+        client, cfg.experiment_name, artifact_uri(cfg.logger.get("artifact_location"))
+    )
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    group = f"auto-{stamp}"
+    parent = client.create_run(
+        exp_id,
+        run_name=cfg.get("run_name") or group,
+        tags={ROLE_TAG: "sweep", "sweep_id": group, "auto": "parent", "data_profile": profile.describe()},
+    ).info.run_id
+    client.log_dict(parent, profile.to_dict(), "auto/profile.json")
+    outcomes: list[Outcome] = []
+    status = "FAILED"
+    try:
+        for k, c in enumerate(todo, 1):
+            used = time.perf_counter() - began
+            estimate = estimate_seconds(c, outcomes)
+            if used >= budget_s or (estimate is not None and used + estimate > budget_s):
+                why = f"skipped: {used / 60:.1f} of {budget_s / 60:.0f} min used" + (
+                    f", estimated {estimate / 60:.1f} min more" if estimate is not None else ""
+                )
+                log.info("auto: candidate %d of %d (%s) %s", k, len(todo), c.label, why)
+                outcomes.append(Outcome(c, "skipped", estimate_s=estimate, note=why))
+                continue
+            log.info(
+                "auto: candidate %d of %d: %s (%.1f min left%s) -- %s",
+                k,
+                len(todo),
+                c.label,
+                (budget_s - used) / 60,
+                "" if estimate is None else f", estimated {estimate / 60:.1f} min",
+                c.reason,
+            )
+            t0 = time.perf_counter()
+            try:
+                result = train_one(
+                    compose_one([*user_overrides, *c.overrides, "auto.enabled=false", f"run_name={c.label}"])
+                )
+            except Exception as err:  # one failing candidate must not end the search
+                log.error("auto: candidate %s failed: %s: %s", c.label, type(err).__name__, err)
+                outcomes.append(Outcome(c, "failed", time.perf_counter() - t0, estimate, note=f"{err}"[:300]))
+                continue
+            outcomes.append(Outcome(c, "finished", time.perf_counter() - t0, estimate, result))
+            for key, value in {
+                "mlflow.parentRunId": parent,
+                "sweep_id": group,
+                "auto": "candidate",
+                "auto_reason": c.reason,
+            }.items():
+                client.set_tag(result["run_id"], key, value)
+        ranked = rank(outcomes)
+        winner = ranked[0] if ranked else None
+        frame = table(outcomes, winner)
+        client.log_table(parent, frame, "auto/candidates.json")
+        client.log_text(parent, markdown_table(frame), "auto/candidates.md")
+        client.log_metric(parent, "auto/minutes", (time.perf_counter() - began) / 60)
+        if winner is None:
+            raise RuntimeError(
+                "auto: no candidate finished: see the failed runs' errors in auto/candidates.md"
+            )
+        client.set_tag(parent, "winner_run_id", winner.result["run_id"])
+        client.set_tag(parent, "winner", winner.candidate.label)
+        client.set_tag(winner.result["run_id"], "auto", "winner")
+        for key in ("val/auroc", "val/margin"):
+            client.log_metric(parent, f"winner_{key}", winner.val(key))
+        for key in ("test/auroc", "test/recall", "test/fp", "test/fn"):  # reported once, for the winner
+            if key in winner.result["test"]:
+                client.log_metric(parent, f"winner_{key}", float(winner.result["test"][key]))
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent, status)
+    log.info(
+        "auto: winner %s (val AUROC %.4f, margin %.2f) -> test AUROC %.4f, recall %.3f, FP %d. "
+        "Promote it: defect-promote run_id=%s",
+        winner.candidate.label,
+        winner.val("val/auroc"),
+        winner.val("val/margin"),
+        winner.result["test"].get("test/auroc", float("nan")),
+        winner.result["test"].get("test/recall", float("nan")),
+        int(winner.result["test"].get("test/fp", -1)),
+        winner.result["run_id"],
+    )
+    return {**winner.result, "auto_parent_run_id": parent, "candidates": frame}

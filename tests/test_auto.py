@@ -1,0 +1,106 @@
+"""experiment=auto: readable candidate rules, val-only choice, the budget, one parent run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from defect_detection.auto.candidates import candidates
+from defect_detection.auto.entry import run_auto_recipe
+from defect_detection.auto.profile import DataProfile
+from tests.conftest import compose_train
+
+
+def _profile(train_defects=30, masks=0, h=600, w=600, aspect=1.0) -> DataProfile:
+    counts = {
+        "train": {"good": 100, "defect": train_defects},
+        "val": {"good": 30, "defect": 10},
+        "test": {"good": 30, "defect": 10},
+    }
+    return DataProfile(counts, masks, h, w, aspect, False)
+
+
+def test_the_rules_pick_families_and_geometry_from_the_data():
+    assert [c.label for c in candidates(_profile(train_defects=0), 224)] == ["patchcore-square"]
+    assert [c.label for c in candidates(_profile(masks=5), 224)] == [
+        "segmenter-square",
+        "classifier-square",
+        "patchcore-square",
+    ]
+    assert [c.label for c in candidates(_profile(train_defects=4), 224)] == [
+        "patchcore-square",
+        "classifier-square",
+    ]
+    line_scan = candidates(_profile(h=256, w=4096, aspect=16.0), 224)
+    assert [c.label for c in line_scan] == [
+        "classifier-tiles",
+        "patchcore-tiles",
+        "classifier-square",
+        "patchcore-square",
+    ]
+    tiles = line_scan[0].overrides
+    assert (
+        "input.scale=0.4375" in tiles and "input.tile_size=[112,448]" in tiles and "input.overlap=56" in tiles
+    )
+    portrait = candidates(_profile(h=4096, w=256, aspect=16.0), 224)[0].overrides
+    assert "input.tile_size=[448,112]" in portrait
+    square, big = candidates(_profile(h=1024, w=1024, train_defects=4), 224)[1:3]  # after patchcore-square
+    assert square.label == "classifier-square" and big.label == "patchcore-tiles"
+    assert (
+        "input.tile_size=224" in big.overrides
+        and "input.scale=0.4375" in big.overrides
+        and "large" in big.reason
+    )
+    assert all(c.reason for c in line_scan + [big])
+
+
+def _auto(tmp_path: Path, *extra: str):
+    overrides = [
+        f"paths.root_dir={tmp_path}",
+        "debug=fast",
+        "experiment=auto",
+        "explain=none",
+        "log_model=false",
+        "log_data_summary=false",
+        *extra,
+    ]
+    cfg = compose_train(tmp_path, *overrides[1:])
+    result = run_auto_recipe(cfg, overrides)
+    client = mlflow.MlflowClient(cfg.logger.tracking_uri)
+    parent = client.get_run(result["auto_parent_run_id"])
+    table = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "auto/candidates.json")).read_text()
+    )
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    return result, client, parent, rows
+
+
+def test_auto_runs_every_candidate_under_one_parent_and_chooses_on_val(tmp_path):
+    result, client, parent, rows = _auto(tmp_path)
+    # synthetic parts have masks: segmenter, classifier, PatchCore, all square at 64 px
+    assert [r["candidate"] for r in rows] == ["segmenter-square", "classifier-square", "patchcore-square"]
+    assert all(r["status"] == "finished" for r in rows)
+    winner = [r for r in rows if r["winner"]]
+    assert len(winner) == 1 and parent.data.tags["winner_run_id"] == winner[0]["run_id"] == result["run_id"]
+    best = max(rows, key=lambda r: (r["val AUROC"], r["val margin"], -r["minutes"]))
+    assert winner[0]["candidate"] == best["candidate"]
+    # test numbers: the winner's alone, once
+    assert (
+        all(r["test/auroc"] is None for r in rows if not r["winner"]) and winner[0]["test/auroc"] is not None
+    )
+    assert parent.data.metrics["winner_test/auroc"] == pytest.approx(float(result["test"]["test/auroc"]))
+    for r in rows:
+        child = client.get_run(r["run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and child.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED"
+
+
+def test_auto_skips_what_would_overrun_the_budget_and_says_so(tmp_path):
+    _, _, parent, rows = _auto(tmp_path, "auto.budget_minutes=0.001")
+    assert rows[0]["status"] == "finished"  # the likeliest candidate always runs
+    assert [r["status"] for r in rows[1:]] == ["skipped", "skipped"]
+    assert all("skipped: " in r["note"] and "min used" in r["note"] for r in rows[1:])
+    assert parent.data.tags["winner"] == rows[0]["candidate"]
