@@ -98,8 +98,8 @@ def test_layer_paths_resolve_on_the_net_and_bad_ones_name_the_fix():
     assert resolve_layer(net, "layer4.1") is net.layer4[1]
     with pytest.raises(UserError, match="net.layer9"):
         resolve_layer(net, "net.layer9")
-    assert gradcam_layer_for("efficientnet_lite0") == "net.conv_head"
-    assert gradcam_layer_for("resnet18") == "net.layer4"
+    assert gradcam_layer_for("efficientnet_lite0") == ["net.blocks.4", "net.blocks.5"]
+    assert gradcam_layer_for("resnet18") == ["net.layer3", "net.layer4"]
 
 
 def test_batched_maps_equal_single_image_maps_and_leave_the_net_as_it_was():
@@ -234,11 +234,13 @@ def test_log_gradcam_logs_galleries_overlays_and_scores(tmp_path):
             "gradcam/localisation.csv", "gradcam/summary.json"} <= files
     summary = json.load(open(client.download_artifacts(run_id, "gradcam/summary.json")))
     n_good = sum(r.label == 0 for r in datamodule.records("test"))
-    assert summary["layer"] == "net.conv_head" and summary["n_misclassified"] == min(5, n_good)
+    assert summary["layer"] == "net.blocks.4, net.blocks.5" and summary["n_misclassified"] == min(5, n_good)
+    assert summary["resolution"] == "original" and summary["pointing_radius_px"] == 15
     assert summary["n_masked"] == sum(r.mask_path is not None for r in datamodule.records("test")) > 0
     logged = client.get_run(run_id).data.metrics
-    for name in ("test/cam_pointing_game", "test/cam_pixel_auroc", "test/cam_energy_in_mask"):
+    for name in ("test/cam_pointing_game", "test/cam_pixel_auroc", "test/cam_energy_in_mask", "test/cam_pro"):
         assert 0 <= logged[name] <= 1 and logged[name] == pytest.approx(metrics[name])
+    assert logged["test/cam_n_regions"] >= logged["test/cam_n_masked"]
     assert 0 < logged["test/cam_mask_area_share"] < 0.2 and logged["test/cam_ms_per_image"] > 0
     overlays = [a.path for c in client.list_artifacts(run_id, "gradcam/images")
                 for t in client.list_artifacts(run_id, c.path) for a in client.list_artifacts(run_id, t.path)]

@@ -199,9 +199,10 @@ def load_mask(path: str | Path, size: int) -> torch.Tensor:
 
 def native_maps(net: nn.Module, images: torch.Tensor, batch_size: int = 16) -> CamResult:
     """A family's own map (net.anomaly_map: PatchCore's patch distances), each scaled to [0, 1]
-    like Grad-CAM's, with p_defect from the same network."""
+    like Grad-CAM's: one forward pass per batch. p_defect is NaN here: the family's scores come
+    from its scoring pass, not from the maps."""
     device = next(net.parameters()).device
-    maps, probs = [], []
+    maps = []
     seconds = 0.0
     was_training = net.training
     net.eval()
@@ -214,14 +215,14 @@ def native_maps(net: nn.Module, images: torch.Tensor, batch_size: int = 16) -> C
                 m = m - m.flatten(1).amin(1).view(-1, 1, 1)
                 maps.append(normalise_maps(m).cpu())
                 seconds += time.perf_counter() - began
-                probs.append(net(x).float().softmax(1)[:, DEFECT].cpu())
     finally:
         net.train(was_training)
     if not maps:
         empty = torch.empty(0, *images.shape[-2:])
         return CamResult(empty, torch.empty(0), torch.empty(0, dtype=torch.long), 0.0)
-    p = torch.cat(probs)
-    return CamResult(torch.cat(maps), p, torch.full_like(p, DEFECT, dtype=torch.long), seconds)
+    out = torch.cat(maps)
+    p = torch.full((len(out),), float("nan"))
+    return CamResult(out, p, torch.full((len(out),), DEFECT, dtype=torch.long), seconds)
 
 
 def map_method(net: nn.Module, method: str = "auto") -> str:
