@@ -98,8 +98,8 @@ def test_layer_paths_resolve_on_the_net_and_bad_ones_name_the_fix():
     assert resolve_layer(net, "layer4.1") is net.layer4[1]
     with pytest.raises(UserError, match="net.layer9"):
         resolve_layer(net, "net.layer9")
-    assert gradcam_layer_for("efficientnet_lite0") == "net.conv_head"
-    assert gradcam_layer_for("resnet18") == "net.layer4"
+    assert gradcam_layer_for("efficientnet_lite0") == ["net.blocks.4", "net.blocks.5"]
+    assert gradcam_layer_for("resnet18") == ["net.layer3", "net.layer4"]
 
 
 def test_batched_maps_equal_single_image_maps_and_leave_the_net_as_it_was():
@@ -234,11 +234,13 @@ def test_log_gradcam_logs_galleries_overlays_and_scores(tmp_path):
             "gradcam/localisation.csv", "gradcam/summary.json"} <= files
     summary = json.load(open(client.download_artifacts(run_id, "gradcam/summary.json")))
     n_good = sum(r.label == 0 for r in datamodule.records("test"))
-    assert summary["layer"] == "net.conv_head" and summary["n_misclassified"] == min(5, n_good)
+    assert summary["layer"] == "net.blocks.4, net.blocks.5" and summary["n_misclassified"] == min(5, n_good)
+    assert summary["resolution"] == "original" and summary["pointing_radius_px"] == 15
     assert summary["n_masked"] == sum(r.mask_path is not None for r in datamodule.records("test")) > 0
     logged = client.get_run(run_id).data.metrics
-    for name in ("test/cam_pointing_game", "test/cam_pixel_auroc", "test/cam_energy_in_mask"):
+    for name in ("test/cam_pointing_game", "test/cam_pixel_auroc", "test/cam_energy_in_mask", "test/cam_pro"):
         assert 0 <= logged[name] <= 1 and logged[name] == pytest.approx(metrics[name])
+    assert logged["test/cam_n_regions"] >= logged["test/cam_n_masked"]
     assert 0 < logged["test/cam_mask_area_share"] < 0.2 and logged["test/cam_ms_per_image"] > 0
     overlays = [a.path for c in client.list_artifacts(run_id, "gradcam/images")
                 for t in client.list_artifacts(run_id, c.path) for a in client.list_artifacts(run_id, t.path)]
@@ -301,3 +303,102 @@ def test_defect_explain_writes_one_overlay_per_image_from_a_bundle(tmp_path, syn
     assert (table["explained_class"] == table["decision"]).all()  # target=predicted by default
     with pytest.raises(UserError, match="no-such"):
         explain(OmegaConf.merge(cfg, {"inputs": str(tmp_path / "no-such" / "*.png")}))
+
+
+# -- issue 18: tolerant pointing game, PRO, original resolution, fused layers -------------------
+def test_pointing_game_tolerates_a_peak_within_the_radius_only():
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[30:34, 30:34] = True
+    near = torch.zeros(64, 64)
+    near[30, 43] = 1.0  # 10 px right of the mask's edge (column 33)
+    far = torch.zeros(64, 64)
+    far[30, 53] = 1.0  # 20 px
+    assert not pointing_hit(near, mask) and pointing_hit(near, mask, radius_px=15)
+    assert not pointing_hit(far, mask, radius_px=15) and pointing_hit(far, mask, radius_px=20)
+    assert not pointing_hit(torch.ones(64, 64), mask, radius_px=15)  # a flat map still points nowhere
+    scores, _ = localisation_scores([near, far], [mask, mask], radius_px=15)
+    assert scores.pointing_game == pytest.approx(0.5)
+
+
+def test_pro_averages_regions_so_one_large_defect_does_not_dominate():
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[0:32, 0:32] = True  # large region: 1024 px
+    mask[50:52, 50:52] = True  # small region: 4 px
+    perfect, _ = localisation_scores([mask.float()], [mask])
+    assert perfect.pro == pytest.approx(1.0) and perfect.n_regions == 2
+    large_only = torch.where(mask & (torch.arange(64)[:, None] < 40), 1.0, 0.0)
+    large_only[50:52, 50:52] = 0.0
+    scores, _ = localisation_scores([large_only], [mask])
+    # pixel-wise the map finds 1024 / 1028 of the defect; per region it finds one of two: the
+    # small region's overlap rises only with the FPR (linearly from 0 to 1), so the normalised
+    # area to FPR 0.3 is the mean of 1 and (0 + 0.3) / 2
+    assert scores.pro == pytest.approx((1.0 + 0.15) / 2, abs=0.01)
+    assert scores.pixel_auroc > 0.99
+    grid = torch.zeros(64, 64, dtype=torch.bool)
+    for top in range(2, 64, 8):
+        for left in range(2, 64, 8):
+            grid[top:top + 4, left:left + 4] = True  # 64 regions of 16 px
+    torch.manual_seed(0)
+    random, _ = localisation_scores([torch.rand(64, 64)], [grid], fpr_limit=0.3)
+    assert random.n_regions == 64 and random.pro == pytest.approx(0.15, abs=0.02)  # chance: fpr_limit / 2
+
+
+def test_scores_are_computed_at_the_original_resolution(tmp_path):
+    """A 120 px photo seen at 24 px: the thin defect keeps its 1-px width (area share 1/120) and
+    the pointing radius is in the photo's pixels."""
+    from PIL import Image
+
+    from defect_detection.data.geometry import Square
+    from defect_detection.data.records import ImageRecord
+    from defect_detection.explain.report import original_resolution_scores
+
+    mask = np.zeros((120, 120), np.uint8)
+    mask[60, :] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    record = ImageRecord(path=str(tmp_path / "img.png"), label=1, category="c", defect_type="line",
+                         mask_path=str(tmp_path / "m.png"))
+    prepared = torch.zeros(24, 24)
+    prepared[15, 10] = 1.0  # ~ row 77 of the photo: 17 px from the line (3 prepared px)
+    kwargs = {"records": [record], "geometry": Square(size=(24, 24)), "hw_of": lambda i: (120, 120)}
+    scores, _ = original_resolution_scores({0: prepared}, radius_px=15, **kwargs)
+    assert scores.mask_area_share == pytest.approx(1 / 120)
+    assert scores.pointing_game == 0.0
+    assert original_resolution_scores({0: prepared}, radius_px=20, **kwargs)[0].pointing_game == 1.0
+    Image.fromarray(mask[:60]).save(tmp_path / "m.png")
+    with pytest.raises(UserError, match="m.png is 120 x 60 px"):
+        original_resolution_scores({0: prepared}, **kwargs)
+
+
+def test_fused_layers_share_one_forward_pass_and_fuse_each_layers_map():
+    from defect_detection.explain.gradcam import fuse_maps
+
+    torch.manual_seed(0)
+    net = _TinyCNN()
+    x = torch.randn(6, 3, 32, 32)
+    coarse = compute_cams(net, "net.features.4", x).maps
+    fine = compute_cams(net, "net.features.1", x).maps
+    calls = []
+    hook = net.features[0].register_forward_hook(lambda *_: calls.append(1))
+    fused = compute_cams(net, ["net.features.1", "net.features.4"], x, batch_size=3)
+    hook.remove()
+    assert len(calls) == 2  # one forward per batch of 3, for both layers
+    assert torch.allclose(fused.maps, fuse_maps([fine, coarse], "mean"), atol=1e-5)
+    product = compute_cams(net, ["net.features.1", "net.features.4"], x, fusion="product").maps
+    assert torch.allclose(product, fuse_maps([fine, coarse], "product"), atol=1e-5)
+    assert torch.allclose(product.flatten(1).amax(1), torch.ones(6))
+    with pytest.raises(UserError, match="explain.fusion"):
+        compute_cams(net, ["net.features.1", "net.features.4"], x, fusion="max")
+
+
+def test_every_backbone_config_names_grad_cam_layers_of_its_network():
+    from defect_detection.config import config_dir
+    from defect_detection.explain.gradcam import layer_names
+    from defect_detection.models.backbones import build_network
+
+    for path in sorted((config_dir() / "backbone").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        layers = layer_names(OmegaConf.to_container(cfg, resolve=True)["gradcam_layer"])
+        assert layers, path
+        net = build_network(cfg.name, pretrained=False)
+        for layer in layers:
+            resolve_layer(net, layer)

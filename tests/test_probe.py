@@ -241,8 +241,9 @@ def test_a_png_as_model_is_one_line_without_unsafe_advice(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {png} cannot be loaded as a model")
 
 
-def test_bad_gradcam_layer_fails_before_training(tmp_path):
-    cfg = compose_train(tmp_path, "backbone.gradcam_layer=net.nope", "data.categories=[disc]",
+@pytest.mark.parametrize("layers", ["net.nope", "[net.blocks.4,net.nope]"])
+def test_bad_gradcam_layer_fails_before_training(tmp_path, layers):
+    cfg = compose_train(tmp_path, f"backbone.gradcam_layer={layers}", "data.categories=[disc]",
                         "log_model=false", "log_data_summary=false")
     with pytest.raises(UserError, match="Grad-CAM layer net.nope"):
         train(cfg)

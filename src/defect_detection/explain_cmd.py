@@ -26,8 +26,11 @@ def explain(cfg: DictConfig) -> list[Path]:
     paths = expand_inputs(OmegaConf.to_container(cfg.inputs) if OmegaConf.is_list(cfg.inputs) else cfg.inputs)
     predictor = load_predictor(model, device=cfg.device)
     e = cfg.explain
-    written = write_overlays(predictor, paths, cfg.output_dir, target=str(e.target), layer=cfg.get("layer"),
-                             batch_size=int(e.batch_size), alpha=float(e.alpha), colormap=str(e.colormap))
+    layer = cfg.get("layer")
+    layer = OmegaConf.to_container(layer) if OmegaConf.is_list(layer) else layer
+    written = write_overlays(predictor, paths, cfg.output_dir, target=str(e.target), layer=layer,
+                             batch_size=int(e.batch_size), alpha=float(e.alpha), colormap=str(e.colormap),
+                             fusion=str(e.get("fusion", "mean")))
     log.info("Wrote %d Grad-CAM overlays (%s class) and overlays.csv to %s", len(written), e.target,
              cfg.output_dir)
     return written

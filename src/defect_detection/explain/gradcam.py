@@ -1,25 +1,31 @@
-"""Batched Grad-CAM with Captum: one forward and one backward pass per batch.
+"""Batched Grad-CAM with Captum: one forward and one backward pass per batch, at one or more layers.
 
 The target class is chosen inside the forward function (a gather on the logits), so "explain the
 decision" needs no extra forward pass and the defect probability comes out of the same pass.
+Several layers (e.g. a stride-16 block and the stride-32 head) share that one pass (Captum's
+compute_layer_gradients_and_eval takes a list of layers); their maps are upsampled to the input,
+each scaled to [0, 1] and fused, so the fine layer sharpens the coarse one's evidence.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from captum.attr import LayerAttribution, LayerGradCam
+from captum._utils.gradient import compute_layer_gradients_and_eval
+from captum.attr import LayerAttribution
 from omegaconf import OmegaConf
 from torch import nn
 
 from defect_detection import DEFECT, GOOD, UserError
 
 TARGETS = ("defect", "predicted", "good")
+FUSIONS = ("mean", "product")
+Layers = str | nn.Module | Sequence[str | nn.Module]  # one Grad-CAM layer, or several fused
 
 
 @dataclass
@@ -48,8 +54,17 @@ def resolve_layer(net: nn.Module, path: str) -> nn.Module:
                         f"net.<child>[.<child>...]; top-level children: {children}.") from None
 
 
-def gradcam_layer_for(backbone: str) -> str:
-    """The Grad-CAM layer of a backbone, read from conf/backbone/<backbone>.yaml (as training does)."""
+def layer_names(spec) -> list[str]:
+    """backbone.gradcam_layer as a list: one dotted path, or a list of them (fused)."""
+    if spec is None or spec == "" or (not isinstance(spec, str) and len(spec) == 0):
+        return []
+    if isinstance(spec, str):
+        return [spec]
+    return [str(s) for s in spec]
+
+
+def gradcam_layer_for(backbone: str) -> str | list[str]:
+    """The Grad-CAM layer(s) of a backbone, read from conf/backbone/<backbone>.yaml (as training does)."""
     from defect_detection.config import config_dir
 
     path = config_dir() / "backbone" / f"{backbone}.yaml"
@@ -59,7 +74,7 @@ def gradcam_layer_for(backbone: str) -> str:
     layer = OmegaConf.load(path).get("gradcam_layer")
     if not layer:
         raise UserError(f"{path} has no gradcam_layer: add one (e.g. gradcam_layer: net.layer4).")
-    return str(layer)
+    return str(layer) if isinstance(layer, str) else [str(x) for x in layer]
 
 
 class _TargetLogit(nn.Module):
@@ -106,29 +121,57 @@ def normalise_maps(cams: torch.Tensor) -> torch.Tensor:
     return cams / peak
 
 
-def compute_cams(net: nn.Module, layer: str | nn.Module, images: torch.Tensor, *,
+def _modules(net: nn.Module, layer: Layers) -> list[nn.Module]:
+    specs = [layer] if isinstance(layer, (str, nn.Module)) else list(layer)
+    if not specs:
+        raise UserError("No Grad-CAM layer given: set backbone.gradcam_layer (a dotted path or a list).")
+    return [resolve_layer(net, s) if isinstance(s, str) else s for s in specs]
+
+
+def fuse_maps(maps: list[torch.Tensor], fusion: str = "mean") -> torch.Tensor:
+    """Per-layer maps (each N x H x W in [0, 1]) as one: their mean, or their geometric mean
+    (product: a pixel needs evidence at every depth)."""
+    if fusion not in FUSIONS:
+        raise UserError(f"explain.fusion={fusion} is not one of {list(FUSIONS)}.")
+    if len(maps) == 1:
+        return maps[0]
+    stacked = torch.stack(maps)
+    fused = stacked.mean(0) if fusion == "mean" else stacked.clamp_min(0).prod(0) ** (1.0 / len(maps))
+    return normalise_maps(fused)
+
+
+def compute_cams(net: nn.Module, layer: Layers, images: torch.Tensor, *,
                  target: str | int = "defect", threshold: float = 0.5, batch_size: int = 16,
-                 temperature: float = 1.0) -> CamResult:
+                 temperature: float = 1.0, fusion: str = "mean") -> CamResult:
     """Grad-CAM maps of normalised images (N x 3 x H x W), upsampled to H x W and scaled to [0, 1].
 
+    layer: a module or dotted path (net.layer4), or a list of them: one forward and one backward
+    pass gives every layer's Grad-CAM, fused by `fusion` (mean or product).
     target: "defect", "good", a class index, or "predicted" (the decision p_defect >= `threshold`,
     with p_defect = softmax(logits / temperature) as the Predictor computes it).
     """
     if isinstance(target, str) and target not in TARGETS:
         raise UserError(f"explain.target={target} is not one of {list(TARGETS)}.")
-    module = resolve_layer(net, layer) if isinstance(layer, str) else layer
+    if fusion not in FUSIONS:
+        raise UserError(f"explain.fusion={fusion} is not one of {list(FUSIONS)}.")
+    modules = _modules(net, layer)
     device = next(net.parameters()).device
     wrapper = _TargetLogit(net, target, threshold, temperature)
-    cam = LayerGradCam(wrapper, module)
     maps, probs, chosen = [], [], []
     seconds = 0.0
     with _explain_mode(net):
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(device, torch.float32)
             began = time.perf_counter()
-            attr = cam.attribute(x, target=0, relu_attributions=True)
-            up = LayerAttribution.interpolate(attr.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")
-            m = normalise_maps(up[:, 0]).cpu()
+            grads, evals = compute_layer_gradients_and_eval(wrapper, modules, x, target_ind=0)
+            per_layer = []
+            for grad, act in zip(grads, evals):  # LayerGradCam's formula, per layer
+                g, a = grad[0].float(), act[0].float()
+                weights = g.mean(dim=tuple(range(2, g.dim())), keepdim=True)
+                cam = (weights * a).sum(1, keepdim=True).clamp_min(0).detach()
+                up = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+                per_layer.append(normalise_maps(up[:, 0]))
+            m = fuse_maps(per_layer, fusion).cpu()
             seconds += time.perf_counter() - began
             maps.append(m)
             probs.append(wrapper.p_defect.cpu())
@@ -156,9 +199,10 @@ def load_mask(path: str | Path, size: int) -> torch.Tensor:
 
 def native_maps(net: nn.Module, images: torch.Tensor, batch_size: int = 16) -> CamResult:
     """A family's own map (net.anomaly_map: PatchCore's patch distances), each scaled to [0, 1]
-    like Grad-CAM's, with p_defect from the same network."""
+    like Grad-CAM's: one forward pass per batch. p_defect is NaN here: the family's scores come
+    from its scoring pass, not from the maps."""
     device = next(net.parameters()).device
-    maps, probs = [], []
+    maps = []
     seconds = 0.0
     was_training = net.training
     net.eval()
@@ -171,14 +215,14 @@ def native_maps(net: nn.Module, images: torch.Tensor, batch_size: int = 16) -> C
                 m = m - m.flatten(1).amin(1).view(-1, 1, 1)
                 maps.append(normalise_maps(m).cpu())
                 seconds += time.perf_counter() - began
-                probs.append(net(x).float().softmax(1)[:, DEFECT].cpu())
     finally:
         net.train(was_training)
     if not maps:
         empty = torch.empty(0, *images.shape[-2:])
         return CamResult(empty, torch.empty(0), torch.empty(0, dtype=torch.long), 0.0)
-    p = torch.cat(probs)
-    return CamResult(torch.cat(maps), p, torch.full_like(p, DEFECT, dtype=torch.long), seconds)
+    out = torch.cat(maps)
+    p = torch.full((len(out),), float("nan"))
+    return CamResult(out, p, torch.full((len(out),), DEFECT, dtype=torch.long), seconds)
 
 
 def map_method(net: nn.Module, method: str = "auto") -> str:
@@ -197,9 +241,10 @@ def map_method(net: nn.Module, method: str = "auto") -> str:
     return method
 
 
-def geometry_cams(net: nn.Module, layer: str | nn.Module | None, images: list[torch.Tensor], geometry, *,
+def geometry_cams(net: nn.Module, layer: Layers | None, images: list[torch.Tensor], geometry, *,
                   target: str | int = "defect", threshold: float = 0.5, batch_size: int = 16,
-                  temperature: float = 1.0, method: str = "auto") -> tuple[list[torch.Tensor], float]:
+                  temperature: float = 1.0, method: str = "auto",
+                  fusion: str = "mean") -> tuple[list[torch.Tensor], float]:
     """Maps of prepared, normalised images (each 3 x H x W) under an input geometry: one map per
     image over its prepared pixels (tiles: each tile's map, stitched with overlaps averaged).
     method: gradcam, anomaly_map or auto (the family's own). Returns (maps, seconds)."""
@@ -209,7 +254,7 @@ def geometry_cams(net: nn.Module, layer: str | nn.Module | None, images: list[to
         if method == "anomaly_map":
             return native_maps(net, x, batch_size)
         return compute_cams(net, layer, x, target=target, threshold=threshold, batch_size=batch_size,
-                            temperature=temperature)
+                            temperature=temperature, fusion=fusion)
 
     if geometry.name != "tiles":
         if not images:

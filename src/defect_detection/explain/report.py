@@ -1,8 +1,9 @@
 """Grad-CAM of a trained model on one evaluated split, logged under `gradcam/` in MLflow.
 
 Galleries (defects per category and type, misclassified images), the individual overlays, and,
-where masks exist, the localisation scores `<stage>/cam_*`. Localisation always explains the
-defect class ("where is the evidence for a defect?"), whatever class the galleries explain.
+where masks exist, the localisation scores `<stage>/cam_*`, computed at each photo's original
+resolution (maps resized back to it, masks read at it). Localisation always explains the defect
+class ("where is the evidence for a defect?"), whatever class the galleries explain.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
@@ -19,7 +21,14 @@ from omegaconf import DictConfig
 from defect_detection import CLASS_NAMES, DEFECT, UserError
 from defect_detection.data.cache import prepared_mask
 from defect_detection.data.geometry import header_hw
-from defect_detection.explain.gradcam import TARGETS, geometry_cams, map_method, resolve_layer
+from defect_detection.explain.gradcam import (
+    FUSIONS,
+    TARGETS,
+    geometry_cams,
+    layer_names,
+    map_method,
+    resolve_layer,
+)
 from defect_detection.explain.localisation import localisation_scores
 from defect_detection.explain.overlay import denormalise, gallery, overlay, save_png
 
@@ -45,9 +54,39 @@ def check_gradcam_config(cfg: DictConfig, net) -> None:
         return
     if map_method(net, ecfg.get("method", "auto")) != "gradcam" or not cfg.backbone.get("gradcam_layer"):
         return
-    resolve_layer(net, str(cfg.backbone.gradcam_layer))
+    for layer in layer_names(cfg.backbone.gradcam_layer):
+        resolve_layer(net, layer)
     if str(ecfg.target) not in TARGETS:
         raise UserError(f"explain.target={ecfg.target} is not one of {list(TARGETS)}.")
+    if str(ecfg.get("fusion", "mean")) not in FUSIONS:
+        raise UserError(f"explain.fusion={ecfg.fusion} is not one of {list(FUSIONS)}.")
+
+
+def original_mask(path: str, hw: tuple[int, int]) -> torch.Tensor:
+    """A ground-truth mask at its photo's own resolution, as bool (>= half intensity; a faint
+    mask keeps every non-zero pixel), with the same read and size checks as training's."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            values = np.asarray(im.convert("L"))
+    except OSError as err:
+        raise UserError(f"Cannot read mask {path}: {err}. Remove or replace the file.") from err
+    if values.shape != tuple(hw):
+        raise UserError(f"Mask {path} is {values.shape[1]} x {values.shape[0]} px but its image is "
+                        f"{hw[1]} x {hw[0]}: re-export the mask at the image's size or remove it.")
+    binary = values >= 128
+    return torch.from_numpy(binary if binary.any() else values > 0)
+
+
+def original_resolution_scores(prepared_maps: dict[int, torch.Tensor], records, geometry, hw_of, *,
+                               radius_px: float = 15.0, fpr_limit: float = 0.3):
+    """Localisation scores of maps over prepared images, each resized back to its photo
+    (geometry.to_original) and scored against the mask read at the photo's resolution."""
+    indices = list(prepared_maps)
+    maps = [geometry.to_original(prepared_maps[i], hw_of(i)) for i in indices]
+    masks = [original_mask(records[i].mask_path, hw_of(i)) for i in indices]
+    return localisation_scores(maps, masks, radius_px=radius_px, fpr_limit=fpr_limit)
 
 
 def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test") -> dict[str, float]:
@@ -67,7 +106,9 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
     temperature = float(getattr(module, "temperature", 1.0))  # "predicted" decides as the test did
     groups, wrong, masked = _select(records, p, threshold, int(ecfg.n_per_group), ecfg.get("max_images"))
     shown = list(dict.fromkeys([i for g in groups.values() for i in g] + wrong))
-    target, layer, bs = str(ecfg.target), str(cfg.backbone.get("gradcam_layer")), int(ecfg.batch_size)
+    target, bs = str(ecfg.target), int(ecfg.batch_size)
+    layer = layer_names(cfg.backbone.get("gradcam_layer"))
+    fusion = str(ecfg.get("fusion", "mean"))
     mean, std = list(cfg.backbone.mean), list(cfg.backbone.std)
 
     timing = [0.0, 0]  # seconds, maps
@@ -86,18 +127,20 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
         return t[..., top:top + h, left:left + w]
 
     def cams_of(indices: list[int], explained: str) -> dict[int, torch.Tensor]:
+        """Maps over the prepared images (content() or to_original() takes them to the photo)."""
         if not indices:
             return {}
         maps, secs = geometry_cams(module.net, layer, [dataset[i][0] for i in indices], geometry,
                                    target=explained, threshold=threshold, batch_size=bs,
-                                   temperature=temperature, method=method)
+                                   temperature=temperature, method=method, fusion=fusion)
         timing[0], timing[1] = timing[0] + secs, timing[1] + len(indices)
-        return {i: content(i, m) for i, m in zip(indices, maps)}
+        return dict(zip(indices, maps))
 
     if target == "defect":  # one pass serves the galleries and the localisation scores
-        cams = defect_cams = cams_of(list(dict.fromkeys(shown + masked)), "defect")
+        prepared = defect_prepared = cams_of(list(dict.fromkeys(shown + masked)), "defect")
     else:
-        cams, defect_cams = cams_of(shown, target), cams_of(masked, "defect")
+        prepared, defect_prepared = cams_of(shown, target), cams_of(masked, "defect")
+    cams = {i: content(i, m) for i, m in prepared.items()}
     seconds, n_maps = timing
 
     masks = {i: content(i, torch.from_numpy(prepared_mask(records[i].mask_path, geometry, hw_of(i))[0] > 0))
@@ -107,7 +150,10 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
         metrics[f"{stage}/cam_ms_per_image"] = 1000.0 * seconds / n_maps
     rows = []
     if masked:
-        scores, per_image = localisation_scores([defect_cams[i] for i in masked], [masks[i] for i in masked])
+        scores, per_image = original_resolution_scores(
+            {i: defect_prepared[i] for i in masked}, records, geometry, hw_of,
+            radius_px=float(ecfg.get("pointing_radius_px", 15)),
+            fpr_limit=float(ecfg.get("pro_fpr_limit", 0.3)))
         if scores.n_images:
             metrics.update(scores.metrics(f"{stage}/"))
         rows = [{"path": records[i].path, "category": records[i].category,
@@ -150,7 +196,10 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
             tracker.log_table_csv(pd.DataFrame(rows), "gradcam/localisation.csv")
     tracker.log_metrics(metrics)
     tracker.log_dict({"stage": stage, "method": method,
-                      "layer": layer if method == "gradcam" else None, "target": target,
+                      "layer": ", ".join(layer) if method == "gradcam" else None,
+                      "fusion": fusion if method == "gradcam" and len(layer) > 1 else None, "target": target,
+                      "pointing_radius_px": float(ecfg.get("pointing_radius_px", 15)),
+                      "pro_fpr_limit": float(ecfg.get("pro_fpr_limit", 0.3)), "resolution": "original",
                       "localisation_target": "defect",
                       "threshold": threshold, "n_gallery_defects": sum(map(len, groups.values())),
                       "n_misclassified": len(wrong), "n_masked": len(masked), "metrics": metrics},

@@ -46,12 +46,13 @@ def _relative_names(paths: Sequence[Path]) -> list[Path]:
 
 
 def write_overlays(predictor, paths: Sequence[str | Path], out_dir: str | Path, *, target: str = "predicted",
-                   layer: str | None = None, batch_size: int = 16, alpha: float = 0.5,
-                   colormap: str = "jet") -> list[Path]:
+                   layer: str | list[str] | None = None, batch_size: int = 16, alpha: float = 0.5,
+                   colormap: str = "jet", fusion: str = "mean") -> list[Path]:
     """Write `<out_dir>/<relative path>_gradcam.png` per image (at the model's input size) plus
     `overlays.csv` (p_defect, decision, explained class); returns the overlay paths in input order.
 
-    layer: a dotted path such as net.layer4; default: the backbone config's gradcam_layer.
+    layer: a dotted path such as net.layer4, or a list of them (fused by `fusion`); default: the
+    backbone config's gradcam_layer.
     """
     paths = [Path(p) for p in paths]
     out_dir = Path(out_dir)
@@ -65,7 +66,7 @@ def write_overlays(predictor, paths: Sequence[str | Path], out_dir: str | Path, 
         pils = [as_pil(p) for p in chunk]
         prepared = [predictor._normalise(geometry.prepare(im)) for im in pils]
         p_images = predictor.p_defect(pils)  # the image decision, tiles pooled as in evaluation
-        cam_args = {"threshold": predictor.threshold, "batch_size": batch_size,
+        cam_args = {"threshold": predictor.threshold, "batch_size": batch_size, "fusion": fusion,
                     "temperature": float(meta.get("temperature", 1.0))}
         if target == "predicted" and geometry.name == "tiles":
             # the image's decision (pooled tiles) picks the class explained on all of its tiles

@@ -37,7 +37,8 @@ class PromotionRefused(UserError):
 LOWER_IS_BETTER = frozenset({"loss", "fp", "fn", "ece", "ece_uncalibrated", "nll", "nll_uncalibrated",
                              "brier", "cam_ms_per_image"})
 HIGHER_IS_BETTER = frozenset({"auroc", "ap", "accuracy", "precision", "recall", "f1", "tp", "tn",
-                              "margin", "cam_pointing_game", "cam_pixel_auroc", "cam_energy_in_mask"})
+                              "margin", "cam_pointing_game", "cam_pixel_auroc", "cam_energy_in_mask",
+                              "cam_pro"})
 
 
 def known_direction(metric: str) -> str | None:
