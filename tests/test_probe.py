@@ -76,23 +76,102 @@ def test_promote_on_a_loss_picks_the_lowest_and_refuses_a_higher_one(loss_store)
 
 # -- 3. SIGTERM ends training non-zero, KILLED, with the signal named and the resume hint -----------
 
-def test_sigterm_exits_143_kills_the_run_and_keeps_the_resume_hint(shared, caplog):
+STOP = "+callbacks.stop={_target_:tests.test_resume.SignalAt,epoch:1,name:SIGTERM,once:%s}"
+
+
+@pytest.fixture(scope="module")
+def sigterm_stop(shared):
+    """A run stopped by SIGTERM at its second epoch (the signal fires once: a resume runs through)."""
     handler = signal.getsignal(signal.SIGTERM)
-    cfg = _cfg(shared, "sigterm", "trainer.max_epochs=2", "experiment_name=probe-sigterm",
-               "+callbacks.stop={_target_:tests.test_resume.SignalAt,epoch:1,name:SIGTERM}")
+    same = ("trainer.max_epochs=2", "experiment_name=probe-sigterm", STOP % (shared["base"] / "fired"))
+    cfg = _cfg(shared, "sigterm", *same)
     try:
         with pytest.raises(SystemExit) as stop:
             train(cfg)
     finally:
         signal.signal(signal.SIGTERM, handler)
-    assert stop.value.code == 143
     client = MlflowClient(cfg.logger.tracking_uri)
     [run] = client.search_runs([client.get_experiment_by_name("probe-sigterm").experiment_id])
+    return cfg, same, stop.value.code, run
+
+
+def test_sigterm_exits_143_kills_the_run_and_keeps_the_resume_hint(sigterm_stop):
+    cfg, _, code, run = sigterm_stop
+    assert code == 143
     assert run.info.status == "KILLED" and run.data.tags["error"] == "stopped by SIGTERM"
     assert (Path(run.data.tags["checkpoint_dir"]) / "last.ckpt").is_file()
     assert run.data.tags["resume_with"].startswith("defect-train ckpt_path=last resume_run_id=")
-    assert "Training stopped (SIGTERM). Resume with: defect-train" in caplog.text
-    assert "Ctrl-C" not in caplog.text
+
+
+# -- 10. a resumed run drops the stale error and logs each result once ------------------------------
+
+def test_resumed_run_drops_the_stale_error_and_logs_no_step_twice(shared, sigterm_stop):
+    cfg, same, _, stopped = sigterm_stop
+    client = MlflowClient(cfg.logger.tracking_uri)
+    run_id = stopped.info.run_id
+    assert [a.path for a in client.list_artifacts(run_id, "error")] == ["error/traceback.txt"]
+    train(_cfg(shared, "sigterm", *same, f"resume_run_id={run_id}"))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags  # was the stale SIGTERM
+    assert run.data.tags["resume.1.after_error"] == "stopped by SIGTERM"
+    assert not client.list_artifacts(run_id, "error")
+    assert [a.path for a in client.list_artifacts(run_id, "resume/1/error")] == ["resume/1/error/traceback.txt"]
+    # continuing the FINISHED run once more logs its new test report at a step of its own
+    train(_cfg(shared, "sigterm", *[o.replace("max_epochs=2", "max_epochs=3") for o in same],
+               f"resume_run_id={run_id}"))
+    run = client.get_run(run_id)
+    for key in sorted(run.data.metrics):
+        if key == "epoch":  # Lightning logs `epoch` beside every metric, several at one step
+            continue
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)  # test/* and val/margin were twice at step 0
+    assert [m.step for m in client.get_metric_history(run_id, "test/ece")] == [1, 2]  # resume 1, 2
+
+
+# -- 2. the resume hint works when pasted; another config is refused --------------------------------
+
+def test_resume_hint_repeats_the_overrides_and_another_config_is_refused(tmp_path):
+    import json
+    import os
+    import shlex
+
+    from defect_detection import project_root
+    from defect_detection.tracking.resume import prepare_resume
+
+    data = _one_class_folder(tmp_path / "parts")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(project_root()), env.get("PYTHONPATH", "")])
+    args = [f"paths.root_dir={tmp_path}", "data=folder", f"data.root={data}", "data.image_size=32",
+            "data.batch_size=8", "threshold=fixed", "trainer.max_epochs=2", "callbacks.progress_bar=null",
+            "callbacks.early_stopping=null", "explain=none", "log_data_summary=false", "log_model=false",
+            STOP % (tmp_path / "fired")]
+    first = subprocess.run([sys.executable, "-m", "defect_detection.train", *args], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 143, first.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("defect-detection").experiment_id])
+    hint = run.data.tags["resume_with"]
+    assert json.loads(run.data.tags["command_overrides"]) == args
+    said = first.stdout + first.stderr
+    assert f"Training stopped (SIGTERM). Resume with: {hint}" in said and "Ctrl-C" not in said
+    assert shlex.split(hint) == ["defect-train", *args, "ckpt_path=last", f"resume_run_id={run.info.run_id}"]
+
+    # the old hint (no overrides) would continue on the synthetic data at 128 px: refused, naming keys
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        bare = compose("train", overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/o",
+                                           "ckpt_path=last",
+                                           f"resume_run_id={run.info.run_id}"])
+    with pytest.raises(UserError, match=r"started with a different config; these keys differ: .*"
+                                        r"data.image_size: 32 -> 128.*data.name: folder -> synthetic.*"
+                                        r"Resume it with its own overrides: defect-train paths.root_dir="):
+        prepare_resume(bare)
+
+    pasted = subprocess.run([sys.executable, "-m", "defect_detection.train", *shlex.split(hint)[1:]],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert pasted.returncode == 0, pasted.stderr[-3000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resume_count"] == "1"
+    assert run.data.params["data.name"] == "folder" and "resume_with" not in run.data.tags
 
 
 # -- 4. defect-predict refuses symlinks per input, names every input, fails when all fail -------------
