@@ -115,7 +115,8 @@ def test_resumed_run_drops_the_stale_error_and_logs_no_step_twice(shared, sigter
     assert run.info.status == "FINISHED" and "error" not in run.data.tags  # was the stale SIGTERM
     assert run.data.tags["resume.1.after_error"] == "stopped by SIGTERM"
     assert not client.list_artifacts(run_id, "error")
-    assert [a.path for a in client.list_artifacts(run_id, "resume/1/error")] == ["resume/1/error/traceback.txt"]
+    moved = [a.path for a in client.list_artifacts(run_id, "resume/1/error")]
+    assert moved == ["resume/1/error/traceback.txt"]
     # continuing the FINISHED run once more logs its new test report at a step of its own
     train(_cfg(shared, "sigterm", *[o.replace("max_epochs=2", "max_epochs=3") for o in same],
                f"resume_run_id={run_id}"))
@@ -336,3 +337,61 @@ def test_misplaced_split_fraction_is_an_error_naming_the_right_key(cfg_factory):
     with pytest.raises(UserError, match=r"split.val_fraction is not read.*set split.make.val_fraction=0.9"):
         validate_train_config(cfg_factory("+split.val_fraction=0.9"))
     validate_train_config(cfg_factory("split.make.val_fraction=0.3"))  # the right spelling passes
+
+
+def test_predict_can_raise_the_pixel_limit_its_message_names(bundle, tmp_path):
+    from PIL import Image as PILImage
+
+    saved = PILImage.MAX_IMAGE_PIXELS
+    big = _png(tmp_path / "big.png")  # 40 x 40 = 1,600 pixels
+    try:
+        with pytest.raises(UserError, match="All 1 input"):
+            predict(predict_cfg(tmp_path, f"model={bundle}", f"images={big}", "max_image_pixels=1000"))
+        table = pd.read_csv(tmp_path / "out" / "predictions.csv")
+        assert len(table) == 1 and (table["decision"] == "error").all()
+        assert table["error"].str.contains("raise max_image_pixels if the image is genuine").all()
+        table = predict(predict_cfg(tmp_path, f"model={bundle}", f"images={big}", "max_image_pixels=2000"))
+        assert table["decision"].iloc[0] in ("good", "defect")
+        with pytest.raises(UserError, match="max_image_pixels='many': use a whole number of pixels"):
+            predict(predict_cfg(tmp_path, f"model={bundle}", f"images={big}", "max_image_pixels=many"))
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = saved
+
+
+def test_run_names_differ_although_every_run_is_seeded(cfg_factory):
+    import random
+
+    import pytorch_lightning as pl
+
+    from defect_detection.train import build_logger
+
+    names, draws = [], []
+    for _ in range(3):
+        pl.seed_everything(42)
+        logger = build_logger(cfg_factory())
+        names.append(logger.experiment.get_run(logger.run_id).info.run_name)
+        draws.append(random.random())
+    assert len(set(names)) == 3, names  # was the same name every time
+    assert len(set(draws)) == 1  # the seeded `random` stream is left as seeding made it
+
+
+def test_a_tracking_uri_from_the_environment_moves_the_artifacts_too(tmp_path, monkeypatch):
+    from defect_detection.tracking.mlflow_run import store_artifact_location
+
+    other = tmp_path / "other-store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}/mlflow.db")
+    cfg = compose_train(tmp_path / "checkout", "data.categories=[disc]", "log_model=false", "explain=none",
+                        "log_data_summary=false", f"paths.data_dir={tmp_path}/data")
+    result = train(cfg)
+    run = MlflowClient(f"sqlite:///{other}/mlflow.db").get_run(result["run_id"])
+    assert run.info.artifact_uri.startswith((other / "artifacts").as_uri())
+    assert run.data.tags["store.tracking_uri"] == f"sqlite:///{other}/mlflow.db"
+    assert run.data.tags["store.artifact_uri"] == run.info.artifact_uri
+    assert (other / "artifacts").is_dir() and not (tmp_path / "checkout" / "mlruns").exists()  # no orphans
+    # a server decides itself; credentials never reach a tag; an explicit location wins
+    assert store_artifact_location({"tracking_uri": "http://mlflow.internal:5000"}) is None
+    assert store_artifact_location({"tracking_uri": "http://x", "artifact_location": str(tmp_path)}) \
+        == tmp_path.as_uri()
+    from defect_detection.tracking.mlflow_run import without_credentials
+
+    assert without_credentials("https://me:secret@mlflow.internal:443/x") == "https://mlflow.internal:443/x"
