@@ -5,6 +5,7 @@ Each test failed before its fix; together they keep the README's reliability tab
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from PIL import Image
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
 from defect_detection.predict import predict
+from defect_detection.tracking.pyfunc import ROOTS_ENV
 from defect_detection.train import train
 from tests.conftest import compose_train
 from tests.test_predict_serve import predict_cfg
@@ -133,7 +135,6 @@ def test_resumed_run_drops_the_stale_error_and_logs_no_step_twice(shared, sigter
 
 def test_resume_hint_repeats_the_overrides_and_another_config_is_refused(tmp_path):
     import json
-    import os
     import shlex
 
     from defect_detection import project_root
@@ -395,3 +396,119 @@ def test_a_tracking_uri_from_the_environment_moves_the_artifacts_too(tmp_path, m
     from defect_detection.tracking.mlflow_run import without_credentials
 
     assert without_credentials("https://me:secret@mlflow.internal:443/x") == "https://mlflow.internal:443/x"
+
+
+# -- 5 + 6. `make serve` on the project's store; base64 images, path roots, per-row errors ----------
+
+@pytest.mark.slow  # ~40 s: mlflow models serve starts uvicorn and loads torch
+def test_make_serve_scores_base64_refuses_paths_outside_its_roots_and_keeps_good_rows(tmp_path):
+    import base64
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    from defect_detection import project_root
+    from defect_detection.tracking.registry import find_candidates, promote
+    from tests.test_predict_serve import _free_port
+
+    root = tmp_path / "project"
+    bundle = make_bundle(root / "bundle.pt", threshold=0.45)
+    make_run(root, {"val/auroc": 0.9, "test/threshold": 0.45}, bundle=bundle)
+    client = MlflowClient(tracking_uri(root))
+    experiment = client.get_experiment_by_name("defect-detection").experiment_id
+    promote(client, find_candidates(client, [experiment], "val/auroc")[0], name="defect-classifier",
+            metric="val/auroc")
+    allowed, shell = tmp_path / "allowed", tmp_path / "shell"
+    shell.mkdir()
+    image = _png(allowed / "a.png", 90)
+    secret = _png(tmp_path / "secret.png")
+    port, checkout = _free_port(), project_root()
+    make = ["make", "-s", "-C", str(checkout), "-o", ".venv/.installed", "serve", f"STORE={root}/mlruns",
+            f"PORT={port}", f"SERVE_ROOTS={allowed}"]
+    dry = subprocess.run([*make[:2], "-n", *make[2:]], capture_output=True, text=True, timeout=60).stdout
+    assert f"MLFLOW_TRACKING_URI=sqlite:///{root}/mlruns/mlflow.db" in dry and "models serve" in dry
+    stray_before = (checkout / "mlflow.db").exists()
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", ROOTS_ENV)}
+    server = subprocess.Popen(make, cwd=shell, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, "server did not answer /ping within 240 s"
+            time.sleep(0.5)
+        b64 = base64.b64encode(image.read_bytes()).decode()
+        rows = [{"image_b64": b64}, {"image_b64": "not base64!"}, {"path": str(image)},
+                {"path": "/etc/shadow"}, {"path": str(tmp_path / "nowhere.png")}, {"path": str(secret)},
+                {"path": str(allowed / ".." / "secret.png")}]
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"dataframe_records": rows}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            out = pd.DataFrame(json.loads(r.read())["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+    assert len(out) == len(rows)
+    assert list(out["decision"].iloc[[0, 2]]) == [out["decision"].iloc[0]] * 2 != ["error"] * 2
+    assert out["p_defect"].iloc[0] == pytest.approx(out["p_defect"].iloc[2], abs=1e-6)  # bytes = path
+    assert pd.isna(out["error"].iloc[0]) and pd.isna(out["error"].iloc[2])
+    assert "image_b64: not valid base64" in out["error"].iloc[1]
+    refused = set(out["error"].iloc[3:])  # existing, missing, outside, escaping with ..: one line
+    assert len(refused) == 1 and refused.pop().startswith("path refused: this server reads paths only under")
+    assert (out["decision"].iloc[1:2].tolist() + out["decision"].iloc[3:].tolist()) == ["error"] * 5
+    assert not (shell / "mlflow.db").exists() and (checkout / "mlflow.db").exists() == stray_before
+
+
+def test_pyfunc_in_process_reads_paths_unless_roots_are_set(bundle, tmp_path, monkeypatch):
+    from defect_detection.tracking.pyfunc import allowed_roots
+
+    monkeypatch.delenv(ROOTS_ENV, raising=False)
+    monkeypatch.delenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", raising=False)
+    assert allowed_roots() is None  # in-process: the caller could read the file anyway
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    assert allowed_roots() == []  # served: no path is read by default
+    monkeypatch.setenv(ROOTS_ENV, f"{tmp_path}{os.pathsep}/data")
+    assert allowed_roots() == [tmp_path.resolve(), Path("/data").resolve()]
+    assert allowed_roots(["/srv"]) == [Path("/srv")]
+
+
+def test_served_pyfunc_scores_base64_and_good_rows_and_refuses_every_path_alike(tmp_path, monkeypatch):
+    """The serving policy of the logged model, in-process with MLflow's serving flag set (the
+    HTTP round trip is the slow test above)."""
+    import base64
+
+    import mlflow
+
+    from defect_detection.tracking.mlflow_run import fluent_tracking_uri
+
+    root = tmp_path / "project"
+    run_id = make_run(root, {"val/auroc": 0.9}, bundle=make_bundle(root / "bundle.pt", threshold=0.45))
+    with fluent_tracking_uri(tracking_uri(root)):
+        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    image, secret = _png(tmp_path / "ok" / "a.png", 90), _png(tmp_path / "secret.png")
+    monkeypatch.delenv(ROOTS_ENV, raising=False)
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    b64 = base64.b64encode(image.read_bytes()).decode()
+    frame = pd.DataFrame({"image_b64": [b64, "@@", None, None, None],
+                          "path": [None, None, str(image), str(secret), str(tmp_path / "nowhere.png")]})
+    out = model.predict(frame)
+    assert out["decision"].iloc[0] in ("good", "defect") and pd.isna(out["error"].iloc[0])
+    assert "not valid base64" in out["error"].iloc[1]
+    assert len(set(out["error"].iloc[2:])) == 1 and "path refused" in out["error"].iloc[2]  # no roots set
+    monkeypatch.setenv(ROOTS_ENV, str(tmp_path / "ok"))
+    out = model.predict(frame)
+    assert out["p_defect"].iloc[2] == pytest.approx(out["p_defect"].iloc[0], abs=1e-6)
+    assert out["error"].iloc[3] == out["error"].iloc[4] and "path refused" in out["error"].iloc[3]
+    assert list(out["decision"].iloc[3:]) == ["error", "error"]

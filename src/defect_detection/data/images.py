@@ -134,6 +134,28 @@ def load_rgb(path: str | Path) -> Image.Image:
         return _to_rgb(im)
 
 
+def load_rgb_bytes(data: bytes, name: str = "image bytes") -> Image.Image:
+    """Decode an image sent as bytes (e.g. base64 in a serving request) like `load_rgb`, with the
+    same pixel guard; a BadImageError names `name`."""
+    import io
+
+    if not data:
+        raise BadImageError(name, "empty (0 bytes)")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception as err:
+        raise BadImageError(name, _reason(err)) from err
+    with im:
+        limit = Image.MAX_IMAGE_PIXELS
+        width, height = im.size
+        if limit and width * height > limit:
+            raise BadImageError(name, _too_many(f"{width} x {height} = {width * height:,}", limit))
+        try:
+            return _to_rgb(im)
+        except Exception as err:
+            raise BadImageError(name, _reason(err)) from err
+
+
 def verify_image(path: str | Path) -> None:
     """Raise BadImageError unless `path` will decode; much cheaper than decoding it.
 
