@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint ui clean
+.PHONY: install demo test test-all lint ui serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,18 @@ lint: $(STAMP)
 ui: $(STAMP)  ## the MLflow UI on this project's store: http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
+
+# `make serve`: the champion of this project's store on 127.0.0.1:$(PORT). The store is spelled out
+# (MLflow's own default is ./mlflow.db, which left a stray database in the current directory);
+# the venv goes on PATH (MLflow starts `uvicorn` by name). SERVE_ROOTS (':'-separated folders)
+# lets clients send server paths under them; otherwise they send images as image_b64.
+STORE ?= $(CURDIR)/mlruns
+MODEL ?= models:/defect-classifier@champion
+PORT ?= 5001
+SERVE_ROOTS ?=
+serve: $(STAMP)  ## serve $(MODEL) over HTTP on 127.0.0.1:$(PORT)
+	cd $(STORE) && PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=sqlite:///$(STORE)/mlflow.db DEFECT_SERVE_ROOTS=$(SERVE_ROOTS) \
+		$(CURDIR)/$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(PORT)
 
 clean:
 	rm -rf outputs .pytest_cache

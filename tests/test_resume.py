@@ -25,13 +25,19 @@ FAST = ("log_model=false", "explain=none", "log_data_summary=false", "data.categ
 
 class SignalAt(Callback):
     """Sends this process a real signal at the first batch of `epoch`: SIGINT (what Ctrl-C does)
-    by default, SIGTERM (what timeout, SLURM and Kubernetes send) with name=SIGTERM."""
+    by default, SIGTERM (what timeout, SLURM and Kubernetes send) with name=SIGTERM. With `once`
+    (a file path) it fires only while that file is missing and creates it: a resume with the very
+    same config then runs to the end."""
 
-    def __init__(self, epoch: int, name: str = "SIGINT") -> None:
-        self.epoch, self.signum = epoch, getattr(signal, name)
+    def __init__(self, epoch: int, name: str = "SIGINT", once: str | None = None) -> None:
+        self.epoch, self.signum, self.once = epoch, getattr(signal, name), once
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == 0:
+            if self.once:
+                if Path(self.once).exists():
+                    return
+                Path(self.once).touch()
             os.kill(os.getpid(), self.signum)
 
 
@@ -71,8 +77,9 @@ def uninterrupted(shared):
 @pytest.mark.slow
 def test_ctrl_c_then_resume_matches_an_uninterrupted_run(shared, uninterrupted, restore_sigint):
     cfg_a, result_a = uninterrupted
+    fired = shared["base"] / "interrupt-fired"
     cfg_b = _cfg(shared, "interrupted", "trainer.max_epochs=2",
-                 "+callbacks.interrupt={_target_:tests.test_resume.SignalAt,epoch:1}")
+                 f"+callbacks.interrupt={{_target_:tests.test_resume.SignalAt,epoch:1,once:{fired}}}")
     with pytest.raises(SystemExit):  # Lightning's graceful Ctrl-C ends in sys.exit(1)
         train(cfg_b)
     client = MlflowClient(cfg_b.logger.tracking_uri)
@@ -84,11 +91,14 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(shared, uninterrupted, 
     assert stopped.data.tags["resume_with"] == f"defect-train ckpt_path=last resume_run_id={run_id}"
 
     # every way of naming the checkpoint finds the same run and file
+    same = ("trainer.max_epochs=2", f"+callbacks.interrupt={{_target_:tests.test_resume.SignalAt,epoch:1,"
+            f"once:{fired}}}")
     for how in ("ckpt_path=last", f"resume_run_id={run_id}", f"ckpt_path={last}"):
-        resume = prepare_resume(_cfg(shared, "probe", "trainer.max_epochs=2", how))
+        resume = prepare_resume(_cfg(shared, "interrupted", *same, how))
         assert (resume.run_id, resume.ckpt_path) == (run_id, str(last)), how
 
-    cfg_c = _cfg(shared, "resumed", "trainer.max_epochs=2", "ckpt_path=last")
+    cfg_c = _cfg(shared, "interrupted", "trainer.max_epochs=2", "ckpt_path=last",
+                 f"+callbacks.interrupt={{_target_:tests.test_resume.SignalAt,epoch:1,once:{fired}}}")
     result_c = train(cfg_c)
     assert result_c["run_id"] == run_id  # the same MLflow run continued
     run = client.get_run(run_id)

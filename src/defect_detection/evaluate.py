@@ -28,10 +28,10 @@ from defect_detection.models.inference import Predictor, load_predictor
 from defect_detection.reports.html import log_html_report
 from defect_detection.tracking.mlflow_run import (
     RunTracker,
-    artifact_uri,
     ensure_local_store,
     flatten,
     git_commit,
+    store_artifact_location,
 )
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _tracker(cfg: DictConfig) -> RunTracker:
     if not cfg.get("logger"):
         return RunTracker()
     ensure_local_store(cfg.logger.tracking_uri)
-    logger = instantiate(cfg.logger, artifact_location=artifact_uri(cfg.logger.get("artifact_location")))
+    logger = instantiate(cfg.logger, artifact_location=store_artifact_location(cfg.logger))
     return RunTracker.from_lightning_logger(logger)
 
 

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 def explain(cfg: DictConfig) -> list[Path]:
     """Load the model, write one overlay per image and overlays.csv; returns the overlay paths."""
+    from defect_detection.data.images import DEFAULT_MAX_PIXELS, set_max_image_pixels
     from defect_detection.explain.writer import expand_inputs, write_overlays
     from defect_detection.models.inference import load_predictor
 
@@ -24,6 +25,7 @@ def explain(cfg: DictConfig) -> list[Path]:
 
         mlflow.set_tracking_uri(cfg.tracking_uri)
     paths = expand_inputs(OmegaConf.to_container(cfg.inputs) if OmegaConf.is_list(cfg.inputs) else cfg.inputs)
+    set_max_image_pixels(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS), key="max_image_pixels")
     predictor = load_predictor(model, device=cfg.device)
     e = cfg.explain
     layer = cfg.get("layer")

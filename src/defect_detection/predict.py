@@ -18,6 +18,7 @@ from rich.progress import track
 
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR, exit_on_user_error
+from defect_detection.data.images import DEFAULT_MAX_PIXELS, set_max_image_pixels
 from defect_detection.models.inference import Predictor, load_predictor
 from defect_detection.tracking.mlflow_run import fluent_tracking_uri
 
@@ -65,6 +66,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     on_error = cfg.get("on_error", "skip")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise UserError(f"batch_size={cfg.batch_size}: use a whole number of images per batch, >= 1.")
+    set_max_image_pixels(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS), key="max_image_pixels")
     refused = [(p, why) for p, why in entries if why]
     if refused and on_error == "fail":
         raise UserError(refused[0][1])

@@ -33,15 +33,22 @@ from defect_detection.reports.html import log_html_report
 from defect_detection.schema import validate_train_config
 from defect_detection.tracking.mlflow_run import (
     RunTracker,
-    artifact_uri,
     ensure_local_store,
     flatten,
     fluent_tracking_uri,
+    fresh_run_name,
     git_commit,
     stop_signal,
+    store_artifact_location,
 )
 from defect_detection.tracking.pyfunc import log_pyfunc
-from defect_detection.tracking.resume import continue_run, note_stopped, prepare_resume, tag_checkpoint_dir
+from defect_detection.tracking.resume import (
+    continue_run,
+    note_stopped,
+    prepare_resume,
+    tag_checkpoint_dir,
+    tag_overrides,
+)
 from defect_detection.tracking.summary import log_run_summary
 from defect_detection.tracking.sweeps import in_multirun, record_failed_trial, sweep_tags, trial_run_name
 
@@ -113,8 +120,9 @@ def build_logger(cfg: DictConfig, run_id: str | None = None):
         name = trial_run_name(cfg)
         extra["tags"] = {**(cfg.logger.get("tags") or {}), **tags,
                          **({"mlflow.runName": name} if name else {})}
-    return instantiate(cfg.logger, artifact_location=artifact_uri(cfg.logger.get("artifact_location")),
-                       **extra)
+    if not run_id and "tags" not in extra and not cfg.logger.get("run_name"):
+        extra["run_name"] = fresh_run_name()  # MLflow would draw it from the just-seeded `random`
+    return instantiate(cfg.logger, artifact_location=store_artifact_location(cfg.logger), **extra)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -141,9 +149,11 @@ def train(cfg: DictConfig) -> dict:
             continue_run(tracker, cfg, resume)
         else:
             _log_setup(tracker, cfg, split)
+            tag_overrides(tracker)  # what the resume hint repeats
             if tracker.enabled:
                 tracker.log_params(datamodule.input_plan.log_params())
         tag_checkpoint_dir(tracker, trainer)
+        tracker.tag_store()  # which tracking store and artifact location hold this run
         if datamodule.bad_images:
             tracker.log_table_csv(bad_images_frame(datamodule.bad_images), "data/bad_images.csv")
         log_data_summary(tracker, cfg, datamodule)  # data/: counts, splits.csv, audit, previews

@@ -33,14 +33,24 @@ class BadImageError(UserError):
         super().__init__(f"Cannot read image {path}: {reason}. Remove or replace the file.")
 
 
-def set_max_image_pixels(limit: int | None) -> None:
-    """Refuse images with more pixels than `limit` (None: no limit).
+# The override that raises the limit, named by the "too many pixels" reason: the command's own key.
+_limit_key = "data.max_image_pixels"
+
+
+def set_max_image_pixels(limit: int | None, key: str = "data.max_image_pixels") -> None:
+    """Refuse images with more pixels than `limit` (None: no limit); `key` is the override that
+    raises it in the running command (data.max_image_pixels for training, max_image_pixels for
+    defect-predict/defect-explain), named by the error.
 
     This sets PIL's process-wide decompression-bomb guard (Image.MAX_IMAGE_PIXELS), so the scan,
     the decode threads and any other PIL use agree; PIL only warns between 1x and 2x the limit,
     the loaders here refuse everything above 1x.
     """
+    global _limit_key
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise UserError(f"{key}={limit!r}: use a whole number of pixels (0 or null: no limit).")
     Image.MAX_IMAGE_PIXELS = int(limit) if limit else None
+    _limit_key = key
 
 
 def _check_file(path: Path) -> None:
@@ -63,7 +73,7 @@ def _check_file(path: Path) -> None:
 
 def _too_many(pixels: str, limit: int | None) -> str:
     return (f"too many pixels ({pixels}, limit {limit or 0:,}): a decompression bomb, or raise "
-            "data.max_image_pixels if the image is genuine")
+            f"{_limit_key} if the image is genuine")
 
 
 def _reason(err: Exception) -> str:
@@ -122,6 +132,28 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Open any PIL-readable image as 8-bit RGB (grayscale, RGBA, palette, CMYK, 16-bit)."""
     with _open(path) as im:
         return _to_rgb(im)
+
+
+def load_rgb_bytes(data: bytes, name: str = "image bytes") -> Image.Image:
+    """Decode an image sent as bytes (e.g. base64 in a serving request) like `load_rgb`, with the
+    same pixel guard; a BadImageError names `name`."""
+    import io
+
+    if not data:
+        raise BadImageError(name, "empty (0 bytes)")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception as err:
+        raise BadImageError(name, _reason(err)) from err
+    with im:
+        limit = Image.MAX_IMAGE_PIXELS
+        width, height = im.size
+        if limit and width * height > limit:
+            raise BadImageError(name, _too_many(f"{width} x {height} = {width * height:,}", limit))
+        try:
+            return _to_rgb(im)
+        except Exception as err:
+            raise BadImageError(name, _reason(err)) from err
 
 
 def verify_image(path: str | Path) -> None:

@@ -66,6 +66,50 @@ def artifact_uri(path: str | Path | None) -> str | None:
     return Path(path).expanduser().resolve().as_uri()
 
 
+def store_artifact_location(logger_cfg: Mapping | DictConfig) -> str | None:
+    """Where a new experiment's artifacts go: `artifact_location` when set, else beside the store.
+
+    A sqlite store `sqlite:///X/mlflow.db` keeps its artifacts in X/artifacts and a file store
+    in its own folder, so MLFLOW_TRACKING_URI moves both (a fixed folder left orphan artifacts in
+    the checkout's mlruns/); an http store decides itself (None).
+    """
+    explicit = logger_cfg.get("artifact_location")
+    if explicit:
+        return artifact_uri(explicit)
+    uri = str(logger_cfg.get("tracking_uri") or "")
+    if uri.startswith("sqlite:///"):
+        return artifact_uri(Path(uri[len("sqlite:///"):]).expanduser().parent / "artifacts")
+    if uri.startswith("file:") or (uri and "://" not in uri):
+        folder = urlparse(uri).path if uri.startswith("file:") else uri
+        return artifact_uri(Path(folder).expanduser() / "artifacts")
+    return None
+
+
+def without_credentials(uri: str) -> str:
+    """A URI safe to write into a run tag: user:password@ dropped."""
+    parsed = urlparse(uri)
+    if parsed.username or parsed.password:
+        return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl()
+    return uri
+
+
+def fresh_run_name() -> str:
+    """MLflow's adjective-noun-number run name, drawn from OS entropy.
+
+    MLflow draws it from the global `random`, which training has just seeded, so every run got
+    the same name; the global state is left exactly as it was."""
+    import random
+
+    from mlflow.utils.name_utils import _generate_random_name
+
+    state = random.getstate()
+    random.seed()
+    try:
+        return _generate_random_name()
+    finally:
+        random.setstate(state)
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     """The id of experiment `name`, created (with this artifact location) when missing; safe when
     parallel processes create it at the same time."""
@@ -110,6 +154,9 @@ class RunTracker:
     def __init__(self, client: MlflowClient | None = None, run_id: str | None = None,
                  tracking_uri: str | None = None) -> None:
         self.client, self.run_id, self.tracking_uri = client, run_id, tracking_uri
+        # step of the once-per-run metrics (test report, margin): a continued run logs its new
+        # results at its resume count, so no step holds two values
+        self.step = 0
 
     @property
     def enabled(self) -> bool:
@@ -136,8 +183,16 @@ class RunTracker:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+            items = [Metric(k, float(v), now, self.step if step is None else step)
+                     for k, v in metrics.items()]
             self.client.log_batch(self.run_id, metrics=items)
+
+    def tag_store(self) -> None:
+        """Say in the run which tracking store and which artifact location hold it."""
+        if self.enabled:
+            run = self.client.get_run(self.run_id)
+            self.set_tags({"store.tracking_uri": without_credentials(str(self.tracking_uri)),
+                           "store.artifact_uri": without_credentials(run.info.artifact_uri)})
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
         if self.enabled:

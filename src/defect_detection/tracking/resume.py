@@ -8,7 +8,10 @@ checkpoint and the MLflow run to continue.
 
 from __future__ import annotations
 
+import json
 import logging
+import shlex
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +28,13 @@ log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
 CKPT_TAG = "checkpoint_dir"
-# Keys a resume is expected to change; any other difference is warned about.
+# The command-line overrides a run started with (JSON list): what the resume hint repeats.
+OVERRIDES_TAG = "command_overrides"
+# Keys a resume may change (and what derives from them); any other difference from the run's
+# logged config.yaml refuses the resume.
 _EXPECTED_CHANGES = ("ckpt_path", "resume_run_id", "trainer.max_epochs", "paths.output_dir",
-                     "trainer.default_root_dir")
+                     "data.num_workers", "data.pin_memory")
+_RESUME_KEYS = ("ckpt_path", "resume_run_id")
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,8 @@ def prepare_resume(cfg: DictConfig) -> Resume:
         path = Path(ckpt)
         run = _run_of_folder(client, path.expanduser().resolve().parent) if client else None
     path = check_checkpoint(path)
+    if run is not None:
+        check_same_config(client, run, cfg)
     if run is None:
         log.info("Resuming from %s in a new MLflow run (no run owns that checkpoint folder).", path)
         return Resume(str(path), None, None)
@@ -126,6 +135,61 @@ def prepare_resume(cfg: DictConfig) -> Resume:
         OmegaConf.update(cfg, "callbacks.model_checkpoint.dirpath", folder)
     log.info("Resuming MLflow run %s from %s", run.info.run_id, path)
     return Resume(str(path), run.info.run_id, folder)
+
+
+def launch_overrides() -> list[str]:
+    """The command-line overrides of this process's Hydra job ([] outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
+def tag_overrides(tracker: RunTracker) -> None:
+    """Record the overrides a fresh run started with, for the resume hint."""
+    tracker.set_tags({OVERRIDES_TAG: json.dumps(launch_overrides())})
+
+
+def resume_command(run_id: str, overrides: list[str]) -> str:
+    """The shell command that continues `run_id` with its own overrides (quoted for pasting)."""
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in _RESUME_KEYS]
+    return " ".join(["defect-train", *map(shlex.quote, keep), "ckpt_path=last", f"resume_run_id={run_id}"])
+
+
+def _run_config(client: MlflowClient, run) -> DictConfig:
+    """The config the run started with: its config.yaml artifact, else its params (as YAML values)."""
+    import yaml
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run.info.run_id, "config.yaml", tmp)
+            return OmegaConf.create(yaml.safe_load(Path(local).read_text()) or {})
+    except Exception:  # no config.yaml (older run, artifact store unreachable): the params
+        return OmegaConf.from_dotlist([f"{k}={v}" for k, v in run.data.params.items()])
+
+
+def check_same_config(client: MlflowClient, run, cfg: DictConfig) -> None:
+    """Refuse to continue `run` with a config other than its own (one line listing every key).
+
+    Continuing a data=folder 64 px run with the defaults gave a FINISHED run with params from one
+    dataset and metrics from another. The keys a resume may change are set back to the run's
+    values first, so what derives from them (checkpoint folder, scheduler length) compares equal."""
+    started = _run_config(client, run)
+    probe = cfg.copy()
+    for key in _EXPECTED_CHANGES:
+        value = OmegaConf.select(started, key, default=None)
+        if value is not None and OmegaConf.select(probe, key, default=None) is not None:
+            OmegaConf.update(probe, key, value, force_add=True)
+    old, new = flatten(started), flatten(probe)
+    differ = [f"{key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+              for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)
+              and key not in _EXPECTED_CHANGES]
+    if differ:
+        overrides = json.loads(run.data.tags.get(OVERRIDES_TAG, "[]"))
+        raise UserError(f"Run {run.info.run_id} started with a different config; these keys differ: "
+                        f"{'; '.join(differ)}. Resume it with its own overrides: "
+                        f"{resume_command(run.info.run_id, overrides)}")
 
 
 def _run_of_folder(client: MlflowClient, folder: Path):
@@ -150,21 +214,39 @@ def continue_run(tracker: RunTracker, cfg: DictConfig, resume: Resume) -> None:
         return
     run = tracker.client.get_run(resume.run_id)
     count = int(run.data.tags.get("resume_count", "0")) + 1
+    tracker.step = count  # this continuation's once-per-run metrics get their own step
     tracker.client.update_run(resume.run_id, status="RUNNING")
     if "resume_with" in run.data.tags:  # the hint left by the interruption is now acted on
         tracker.client.delete_tag(resume.run_id, "resume_with")
+    _archive_error(tracker, run, count)
     new, old = flatten(cfg), run.data.params
     changed = {k: (old[k], v[:6000]) for k, v in new.items() if k in old and old[k] != v[:6000]}
     tracker.log_params({k: v for k, v in new.items() if k not in old})
-    unexpected = sorted(k for k in changed if k not in _EXPECTED_CHANGES)
-    if unexpected:
-        log.warning("Resuming with a different config than the run started with: %s. Resume with the "
-                    "original overrides to continue the same experiment.",
-                    ", ".join(f"{k}: {changed[k][0]} -> {changed[k][1]}" for k in unexpected))
     tracker.set_tags({"resume_count": count, f"resume.{count}.from": resume.ckpt_path,
                       f"resume.{count}.changed": "; ".join(f"{k}: {a} -> {b}" for k, (a, b)
                                                            in sorted(changed.items())) or "nothing"})
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), f"resume/{count}/config.yaml")
+
+
+def _archive_error(tracker: RunTracker, run, count: int) -> None:
+    """The stop being resumed is history: its `error` tag and error/ artifact move under resume/<n>/,
+    so a run that then ends FINISHED carries no stale error."""
+    error = run.data.tags.get("error")
+    if error is None:
+        return
+    tracker.set_tags({f"resume.{count}.after_error": error})
+    tracker.client.delete_tag(run.info.run_id, "error")
+    try:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        if not [a for a in tracker.client.list_artifacts(run.info.run_id, "error")]:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            local = tracker.client.download_artifacts(run.info.run_id, "error", tmp)
+            tracker.client.log_artifacts(run.info.run_id, local, f"resume/{count}/error")
+        get_artifact_repository(run.info.artifact_uri).delete_artifacts("error")
+    except Exception as err:  # a store that cannot delete keeps it; the tag already says it is old
+        log.warning("Could not move the old error/ artifact of run %s: %s", run.info.run_id, err)
 
 
 def note_stopped(tracker: RunTracker, trainer, error: BaseException) -> None:
@@ -179,10 +261,13 @@ def note_stopped(tracker: RunTracker, trainer, error: BaseException) -> None:
             log.warning("Training stopped (%s) before its first epoch ended: no %s to resume from.",
                         why, last)
             return
-        command = (f"defect-train ckpt_path=last resume_run_id={tracker.run_id}" if tracker.enabled
-                   else f"defect-train ckpt_path={last}")
-        log.warning("Training stopped (%s). Resume with: %s (and the same overrides as this run).",
-                    why, command)
+        if tracker.enabled:
+            tagged = tracker.client.get_run(tracker.run_id).data.tags.get(OVERRIDES_TAG)
+            command = resume_command(tracker.run_id, json.loads(tagged) if tagged else launch_overrides())
+        else:
+            command = resume_command("", launch_overrides()).replace(
+                "ckpt_path=last resume_run_id=", f"ckpt_path={shlex.quote(str(last))}")
+        log.warning("Training stopped (%s). Resume with: %s", why, command)
         tracker.set_tags({"resume_with": command})
     except Exception as err:  # never hide the original error behind a reporting problem
         log.warning("Could not record how to resume: %s", err)

@@ -27,10 +27,10 @@ import defect_detection.config  # noqa: F401  (registers the ${project_root:} re
 from defect_detection.tracking.comparison import ROLE_TAG, log_comparison, rank_runs
 from defect_detection.tracking.mlflow_run import (
     RunTracker,
-    artifact_uri,
     ensure_local_store,
     flatten,
     get_or_create_experiment,
+    store_artifact_location,
 )
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def record_failed_trial(cfg: DictConfig, error: BaseException) -> str | None:
     try:
         client = MlflowClient(cfg.logger.tracking_uri)
         experiment_id = get_or_create_experiment(client, cfg.logger.experiment_name,
-                                                 artifact_uri(cfg.logger.get("artifact_location")))
+                                                 store_artifact_location(cfg.logger))
         query = f"tags.sweep_id = '{tags.get('sweep_id')}' AND tags.sweep_job = '{tags.get('sweep_job')}'"
         found = client.search_runs([experiment_id], query, max_results=1) if tags else []
         if found:  # training opened the run and RunTracker.fail already marked it FAILED
@@ -137,7 +137,7 @@ class SweepTracking(Callback):
         ensure_local_store(uri)
         client = MlflowClient(uri)
         experiment_id = get_or_create_experiment(client, config.logger.experiment_name,
-                                                 artifact_uri(config.logger.get("artifact_location")))
+                                                 store_artifact_location(config.logger))
         override_list = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
         overrides = " ".join(override_list)
         tags = {ROLE_TAG: "sweep", "sweep_id": sweep_dir.name, "sweep_dir": str(sweep_dir),
