@@ -143,8 +143,9 @@ def run_auto(
         for k, c in enumerate(todo, 1):
             used = time.perf_counter() - began
             estimate = estimate_seconds(c, outcomes)
-            if used >= budget_s or (estimate is not None and used + estimate > budget_s):
-                why = f"skipped: {used / 60:.1f} of {budget_s / 60:.0f} min used" + (
+            # the likeliest candidate always runs; later ones only while the budget lasts
+            if outcomes and (used >= budget_s or (estimate is not None and used + estimate > budget_s)):
+                why = f"skipped: {used / 60:.1f} of {budget_s / 60:g} min used" + (
                     f", estimated {estimate / 60:.1f} min more" if estimate is not None else ""
                 )
                 log.info("auto: candidate %d of %d (%s) %s", k, len(todo), c.label, why)
