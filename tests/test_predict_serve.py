@@ -110,7 +110,9 @@ def _free_port() -> int:
 def test_mlflow_serves_the_champion_on_localhost(champion, synthetic_root):
     root, _ = champion
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root)}
+    # a served model reads paths only under its allowed roots (none by default)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root), "DEFECT_SERVE_ROOTS": str(synthetic_root),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}  # uvicorn
     mlflow_cli = [sys.executable, "-m", "mlflow"]
     server = subprocess.Popen([*mlflow_cli, "models", "serve", "-m", f"models:/{NAME}@champion",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
