@@ -102,8 +102,146 @@ def collect(args: argparse.Namespace) -> None:
                              time.perf_counter() - t0)
 
 
+def policies(max_fp_rate: float) -> dict[str, dict]:
+    """label -> choose_threshold settings; `scores: oof` marks the cross-validated ones."""
+    rate = {"max_fp_rate": max_fp_rate}
+    return {
+        "max_recall_at_fp k=0": {"policy": "max_recall_at_fp", "max_fp": 0},
+        "max_recall_at_fp k=1": {"policy": "max_recall_at_fp", "max_fp": 1},
+        "f1_max": {"policy": "f1_max"},
+        "fp_rate_bound normal": {"policy": "fp_rate_bound", "estimator": "normal", **rate},
+        "fp_rate_bound robust_normal": {"policy": "fp_rate_bound", "estimator": "robust_normal", **rate},
+        "fp_rate_bound bootstrap": {"policy": "fp_rate_bound", "estimator": "bootstrap", **rate},
+        "fp_rate_bound exp_tail": {"policy": "fp_rate_bound", "estimator": "exp_tail", **rate},
+        "cross_val normal": {"policy": "cross_val", "estimator": "normal", "scores": "oof", **rate},
+        "cross_val exp_tail": {"policy": "cross_val", "estimator": "exp_tail", "scores": "oof", **rate},
+        "cross_val max_recall k=0": {"policy": "max_recall_at_fp", "max_fp": 0, "scores": "oof"},
+    }
+
+
+def judge(choice_value: float, test: pd.DataFrame) -> dict:
+    """Test FP rate and recall at the threshold, and the oracle: the best test recall of any
+    threshold with no more test false positives."""
+    from defect_detection.evaluation.thresholds import candidates, counts_at
+
+    p, y = test.p_defect.to_numpy(), test.label.to_numpy()
+    at = {k: int(v[0]) for k, v in counts_at(p, y, np.array([choice_value])).items()}
+    ts = candidates(p)
+    c = counts_at(p, y, ts)
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    oracle = float((c["tp"][c["fp"] <= at["fp"]]).max() / n_pos)
+    recall = at["tp"] / n_pos
+    return {"fp": at["fp"], "n_good": n_neg, "fp_rate": at["fp"] / n_neg, "recall": recall,
+            "oracle": oracle, "gap": oracle - recall}
+
+
+def evaluate_policies(args: argparse.Namespace) -> pd.DataFrame:
+    from defect_detection.evaluation.thresholds import choose_threshold
+
+    rows = []
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            folder = Path(args.work) / dataset / f"seed{seed}"
+            if not (folder / "test_scores.csv").exists():
+                continue
+            frames = {s: pd.read_csv(folder / f"{s}_scores.csv") for s in ("val", "test")}
+            oof = folder / f"oof{args.cv_folds}_scores.csv"
+            if oof.exists():
+                frames["oof"] = pd.read_csv(oof)
+            for label, settings in policies(args.max_fp_rate).items():
+                settings = dict(settings)
+                source = settings.pop("scores", "val")
+                if source not in frames:
+                    continue
+                sel = frames[source]
+                choice = choose_threshold(scores=sel.p_defect.to_numpy(), labels=sel.label.to_numpy(),
+                                          chosen_on=source, **settings)
+                rows.append({"policy": label, "dataset": dataset, "seed": seed, "threshold": choice.value,
+                             "val_fp_bound": choice.fp_rate_upper_bound, "fragile": bool(choice.fragile),
+                             "n_sel_good": int((sel.label == 0).sum()),
+                             **judge(choice.value, frames["test"])})
+    return pd.DataFrame(rows)
+
+
+def summarise(rows: pd.DataFrame, target: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per (policy, data set): mean and worst; per policy: worst over everything and the runs
+    whose test FP rate exceeds the target."""
+    g = rows.groupby(["policy", "dataset"], sort=False)
+    per = g.agg(runs=("seed", "size"), fp_rate_mean=("fp_rate", "mean"), fp_rate_worst=("fp_rate", "max"),
+                recall_mean=("recall", "mean"), recall_worst=("recall", "min"),
+                oracle_mean=("oracle", "mean"), gap_mean=("gap", "mean"), gap_worst=("gap", "max"),
+                val_fp_bound_mean=("val_fp_bound", "mean"), fragile=("fragile", "sum")).reset_index()
+    over = rows.assign(over=rows.fp_rate > target + 1e-12)
+    tot = over.groupby("policy", sort=False).agg(
+        runs=("seed", "size"), datasets=("dataset", "nunique"), gap_mean=("gap", "mean"),
+        gap_worst=("gap", "max"), recall_mean=("recall", "mean"), fp_rate_mean=("fp_rate", "mean"),
+        fp_rate_worst=("fp_rate", "max"), runs_over_target=("over", "sum")).reset_index()
+    return per, tot
+
+
+def markdown(args: argparse.Namespace, rows: pd.DataFrame, command: str) -> str:
+    per, tot = summarise(rows, args.max_fp_rate)
+    runs = []
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            f = Path(args.work) / dataset / f"seed{seed}" / "run.json"
+            if f.exists():
+                runs.append((dataset, seed, json.loads(f.read_text())))
+    pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
+    lines = ["# Threshold policies: does the val-chosen operating point hold on test?", "",
+             f"Command: `{command}` (after `python scripts/threshold_study.py collect"
+             f"{' --cv' if 'oof' in str(rows.get('policy', '')) else ''}` trained the runs).", "",
+             "One default-recipe training run per (data set, split seed); every policy chooses its "
+             "threshold on that run's val scores (cross_val: on out-of-fold scores of "
+             f"{args.cv_folds} fold models over train+val) and is judged on the run's test scores. "
+             "Oracle recall: the best test recall of any threshold with no more test false positives "
+             "than the policy's; gap = oracle - achieved recall. FP rate = test false positives / "
+             f"test good images. Target FP rate for fp_rate_bound / cross_val: {args.max_fp_rate:g}. "
+             "val FP bound: the one-sided 95 % Clopper-Pearson upper bound of the FP rate that the "
+             "selection split supports at the threshold. fragile: runs where one or two val images "
+             "alone fix the threshold (it moves > 1 log-odds without them).", "",
+             "## Over all data sets and seeds", "",
+             f"| policy | runs | recall gap mean | recall gap worst | recall mean | test FP rate mean | "
+             f"test FP rate worst | runs over {pct(args.max_fp_rate)} FP |", "|---" * 8 + "|"]
+    for r in tot.itertuples():
+        lines.append(f"| {r.policy} | {r.runs} | {r.gap_mean:.3f} | {r.gap_worst:.3f} | {r.recall_mean:.3f} "
+                     f"| {pct(r.fp_rate_mean)} | {pct(r.fp_rate_worst)} | {r.runs_over_target} |")
+    lines += ["", "## Per data set (mean and worst over split seeds)", "",
+              "| policy | data set | runs | test FP rate mean | FP rate worst | recall mean | recall worst | "
+              "oracle recall mean | gap mean | gap worst | val FP bound mean | fragile |", "|---" * 12 + "|"]
+    for r in per.itertuples():
+        lines.append(f"| {r.policy} | {r.dataset} | {r.runs} | {pct(r.fp_rate_mean)} | {pct(r.fp_rate_worst)} "
+                     f"| {r.recall_mean:.3f} | {r.recall_worst:.3f} | {r.oracle_mean:.3f} | {r.gap_mean:.3f} "
+                     f"| {r.gap_worst:.3f} | {pct(r.val_fp_bound_mean)} | {r.fragile} |")
+    lines += ["", "## Training runs", "", "| data set | seed | test AUROC | train s | MLflow run |",
+              "|---|---|---|---|---|"]
+    for dataset, seed, info in runs:
+        lines.append(f"| {dataset} | {seed} | {info['test_auroc']:.4f} | {info['seconds']:.0f} | "
+                     f"{info['run_id']} |")
+    lines += ["", "## Per run", "", "| policy | data set | seed | threshold | test FP | test goods | recall | "
+              "oracle | gap | val FP bound | fragile |", "|---" * 11 + "|"]
+    for r in rows.itertuples():
+        lines.append(f"| {r.policy} | {r.dataset} | {r.seed} | {r.threshold:.4g} | {r.fp} | {r.n_good} | "
+                     f"{r.recall:.3f} | {r.oracle:.3f} | {r.gap:.3f} | {pct(r.val_fp_bound)} | "
+                     f"{'yes' if r.fragile else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(args: argparse.Namespace) -> None:
+    rows = evaluate_policies(args)
+    if rows.empty:
+        raise SystemExit(f"No collected scores under {args.work}: run `collect` first.")
+    command = " ".join(shlex.quote(a) for a in ["python", "scripts/threshold_study.py", *sys.argv[1:]])
+    text = markdown(args, rows, command)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    rows.to_csv(Path(args.work) / "policy_rows.csv", index=False)
+    print(text)
+    print(f"Wrote {out}")
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     a = parse_args()
-    if a.stage == "collect":
-        collect(a)
+    collect(a) if a.stage == "collect" else report(a)

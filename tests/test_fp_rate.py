@@ -25,6 +25,13 @@ def test_clopper_pearson_zero_in_80_is_about_3_7_percent():
     assert fp_rate_upper_bound(2, 40) > fp_rate_upper_bound(0, 40) > fp_rate_upper_bound(0, 400)
 
 
+def test_exp_tail_hits_the_target_on_an_exponential_tail():
+    z = np.random.default_rng(2).exponential(1.3, 20000) - 5.0
+    t = logit(fp_rate_threshold(sigmoid(z), 0.05, "exp_tail"))
+    assert t == pytest.approx(-5.0 + 1.3 * np.log(20), abs=0.1)
+    assert np.mean(z >= t) == pytest.approx(0.05, abs=0.01)
+
+
 @pytest.mark.parametrize("estimator", ["normal", "robust_normal", "bootstrap"])
 def test_fp_rate_threshold_hits_the_target_on_a_large_normal_sample(estimator):
     z = np.random.default_rng(1).normal(-2.0, 1.5, 20000)

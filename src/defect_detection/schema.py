@@ -62,7 +62,7 @@ class ThresholdSchema(_Loose):
     cost_fn: float = Field(default=1.0, ge=0)
     fallback: float = Field(default=0.5, ge=0, le=1)
     max_fp_rate: float = Field(default=0.05, gt=0, lt=1)
-    estimator: Literal["normal", "robust_normal", "bootstrap"] = "normal"
+    estimator: Literal["normal", "robust_normal", "bootstrap", "exp_tail"] = "normal"
     confidence: float = Field(default=0.95, gt=0, lt=1)
     folds: int = Field(default=3, ge=2)
     fragile_log_odds: float = Field(default=1.0, gt=0)

@@ -1,9 +1,9 @@
 """What a validation split can honestly say about the false-positive rate of good parts.
 
 `fp_rate_threshold` puts the threshold where the estimated good-part FP rate is `max_fp_rate`,
-from the whole val-good score distribution in log-odds (a normal fit, a robust median/MAD normal
-fit, or a bootstrap upper bound of the empirical quantile) instead of from the single
-highest-scoring good image. `fp_rate_upper_bound` is the one-sided Clopper-Pearson bound on the FP
+from the val-good score distribution in log-odds (a normal fit, a robust median/MAD normal fit, an
+exponential fit to the upper quarter (peaks over threshold), or a bootstrap upper bound of the
+empirical quantile) instead of from the single highest-scoring good image. `fp_rate_upper_bound` is the one-sided Clopper-Pearson bound on the FP
 rate that the val count supports: 0 false positives in 80 val goods support only "below 3.7 % at
 95 % confidence", however far the threshold is from the goods.
 """
@@ -15,7 +15,8 @@ from scipy import stats
 
 from defect_detection import UserError
 
-ESTIMATORS = ("normal", "robust_normal", "bootstrap")
+ESTIMATORS = ("normal", "robust_normal", "bootstrap", "exp_tail")
+TAIL_FRACTION = 0.25  # exp_tail: the share of the highest val-good scores the tail is fitted to
 EPS = 1e-7  # p_defect is float32: clip before the logit so saturated scores stay finite
 
 
@@ -52,6 +53,13 @@ def fp_rate_threshold(good_scores, max_fp_rate: float, estimator: str = "normal"
         rng = np.random.default_rng(seed)
         draws = rng.choice(z, size=(n_boot, len(z)), replace=True)
         return float(sigmoid(np.quantile(np.quantile(draws, q, axis=1), confidence)))
+    if estimator == "exp_tail":  # P(z > u + x) = TAIL_FRACTION * exp(-x / beta) above u
+        u = float(np.quantile(z, 1.0 - TAIL_FRACTION))
+        excess = z[z > u] - u
+        beta = float(excess.mean()) if len(excess) else 0.0
+        if max_fp_rate >= TAIL_FRACTION:
+            return float(sigmoid(np.quantile(z, q)))
+        return float(sigmoid(u + beta * np.log(TAIL_FRACTION / max_fp_rate)))
     if estimator == "robust_normal":
         centre = float(np.median(z))
         spread = float(stats.median_abs_deviation(z, scale="normal"))
