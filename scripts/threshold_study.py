@@ -204,10 +204,13 @@ def markdown(args: argparse.Namespace, rows: pd.DataFrame, command: str) -> str:
             f = Path(args.work) / dataset / f"seed{seed}" / "run.json"
             if f.exists():
                 runs.append((dataset, seed, json.loads(f.read_text())))
+    cv_rows = rows[rows.policy.str.startswith("cross_val")]
+    cover = "; ".join(f"{d} seeds {sorted(set(g.seed))}" for d, g in cv_rows.groupby("dataset", sort=False))
     pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
     lines = ["# Threshold policies: does the val-chosen operating point hold on test?", "",
-             f"Command: `{command}` (after `python scripts/threshold_study.py collect"
-             f"{' --cv' if 'oof' in str(rows.get('policy', '')) else ''}` trained the runs).", "",
+             f"Command: `{command}`, after `python scripts/threshold_study.py collect` trained the "
+             "runs and `python scripts/threshold_study.py collect --cv --datasets ... --seeds ...` "
+             f"the fold models the cross_val rows need (they cover: {cover or 'none'}).", "",
              "One default-recipe training run per (data set, split seed); every policy chooses its "
              "threshold on that run's val scores (cross_val: on out-of-fold scores of "
              f"{args.cv_folds} fold models over train+val) and is judged on the run's test scores. "
