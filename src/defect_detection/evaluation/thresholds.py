@@ -91,10 +91,10 @@ def choose_threshold(policy: str, scores, labels, *, value: float = 0.5, max_fp:
                      min_recall: float = 0.95, cost_fp: float = 1.0, cost_fn: float = 1.0,
                      max_fp_rate: float = 0.05, estimator: str = "normal", confidence: float = 0.95,
                      fragile_log_odds: float = FRAGILE_LOG_ODDS, fallback: float = 0.5,
-                     chosen_on: str = "val", paths=None, **ignored) -> ThresholdChoice:
+                     chosen_on: str = "val", paths=None, folds: int = 3) -> ThresholdChoice:
     """Apply a policy to (p_defect, label) arrays of the selection split, then say what that split
-    supports (FP-rate bound, margin, fragility). cross_val is fp_rate_bound on out-of-fold scores;
-    `ignored` takes the config keys that only the caller reads (threshold.folds)."""
+    supports (FP-rate bound, margin, fragility). cross_val is fp_rate_bound on out-of-fold scores
+    (`folds` is read by its caller, which makes those scores); `paths` name images in warnings."""
     if policy not in POLICIES:
         raise UserError(f"threshold.policy={policy!r} is unknown; choose one of {list(POLICIES)}.")
     for key, v in (("threshold.value", value), ("threshold.min_recall", min_recall),
