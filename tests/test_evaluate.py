@@ -113,3 +113,54 @@ def test_evaluate_user_errors(bundle, tmp_path):
         evaluate(compose_eval(root, f"model={path}", "subset=holdout", "logger=none"))
     with pytest.raises(UserError, match="not found"):
         evaluate(compose_eval(root, f"model={tmp_path / 'missing.pt'}", "logger=none"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """(project root, a tiny finished training run) with the k=0 default policy."""
+    from defect_detection.train import train
+    from tests.conftest import compose_train
+
+    root = tmp_path_factory.mktemp("repickproject")
+    cfg = compose_train(root, "explain=none", "log_data_summary=false")
+    return root, cfg, train(cfg)
+
+
+def test_repick_threshold_on_saved_val_scores_logs_a_new_run_and_model(trained_run, synthetic_root):
+    from defect_detection.evaluation.thresholds import choose_threshold
+    from defect_detection.models.inference import load_predictor
+
+    root, train_cfg, result = trained_run
+    uri = f"runs:/{result['run_id']}/model"
+    cfg = compose_eval(root, f"model={uri}", "threshold=fp_rate_bound", "threshold.max_fp_rate=0.2",
+                       "threshold.estimator=exp_tail", f"seed={train_cfg.seed}")
+    out = evaluate(cfg)
+    client = _tracking(cfg)
+    val = pd.read_csv(client.download_artifacts(result["run_id"], "scores/val_scores.csv"))
+    expected = choose_threshold("fp_rate_bound", val.p_defect.to_numpy(), val.label.to_numpy(),
+                                max_fp_rate=0.2, estimator="exp_tail")
+    assert expected.value != pytest.approx(result["threshold"])  # a different operating point
+    run = client.get_run(out["run_id"])
+    assert run.info.run_id != result["run_id"] and run.data.tags["source_run_id"] == result["run_id"]
+    assert run.data.metrics["test/threshold"] == pytest.approx(expected.value)
+    assert run.data.tags["threshold_policy"] == "fp_rate_bound"
+    assert "val scores of run" in run.data.tags["threshold_source"]
+    assert "threshold/fp_rate_upper_bound" in run.data.metrics
+    mlflow.set_tracking_uri(cfg.logger.tracking_uri)
+    repicked = load_predictor(f"runs:/{out['run_id']}/model")
+    original = load_predictor(uri)
+    assert repicked.threshold == pytest.approx(expected.value)
+    assert original.threshold == pytest.approx(result["threshold"])  # the training run is untouched
+    image = next(Path(synthetic_root).rglob("*.png"))
+    assert repicked.p_defect([image])[0] == pytest.approx(original.p_defect([image])[0], abs=1e-6)
+
+
+def test_repick_errors_name_the_fix(trained_run, bundle):
+    root, train_cfg, result = trained_run
+    _, path = bundle
+    with pytest.raises(UserError, match="names no MLflow run"):
+        evaluate(compose_eval(root, f"model={path}", "threshold=fp_rate_bound"))
+    with pytest.raises(UserError, match="only a run trained with threshold=cross_val"):
+        evaluate(compose_eval(root, f"model=runs:/{result['run_id']}/model", "threshold=cross_val"))
+    with pytest.raises(UserError, match="not both"):
+        evaluate(compose_eval(root, f"model={path}", "threshold=fixed", "override_threshold=0.3"))

@@ -85,3 +85,38 @@ def test_checkpoint_and_logged_model_decide_identically(trained, synthetic_root)
     # the checkpoint was saved before the threshold was chosen; the weights are the same
     assert np.allclose(from_model.p_defect(paths), from_ckpt.p_defect(paths), atol=1e-6)
     assert from_model.threshold == pytest.approx(result["threshold"])
+
+
+def test_run_logs_val_and_test_scores_and_the_threshold_diagnostics(trained):
+    cfg, result = trained
+    client = MlflowClient(cfg.logger.tracking_uri)
+    run_id = result["run_id"]
+    for split in ("val", "test"):
+        frame = pd.read_csv(client.download_artifacts(run_id, f"scores/{split}_scores.csv"))
+        assert len(frame) == len(result["scores"][split]) > 0
+        assert set(frame.label) <= {0, 1} and frame.p_defect.between(0, 1).all()
+        assert np.allclose(1 / (1 + np.exp(-frame.log_odds)), frame.p_defect, atol=1e-5)
+    tags = client.get_run(run_id).data.tags
+    assert tags["threshold_policy"] == "f1_max" and "threshold_fp_rate_upper_bound" in tags
+    info = pd.read_json(client.download_artifacts(run_id, "reports/threshold.json"), typ="series")
+    assert 0 < info["fp_rate_upper_bound"] <= 1 and "margin" in info and "fragile" in info
+
+
+def test_cross_val_chooses_on_out_of_fold_scores_of_every_non_test_image(tmp_path):
+    from tests.conftest import compose_train
+    from defect_detection.evaluation.thresholds import choose_threshold
+
+    cfg = compose_train(tmp_path, "threshold=cross_val", "threshold.folds=2", "explain=none",
+                        "log_model=false", "log_data_summary=false")
+    result = train(cfg)
+    client = MlflowClient(cfg.logger.tracking_uri)
+    oof = pd.read_csv(client.download_artifacts(result["run_id"], "scores/oof_scores.csv"))
+    n_non_test = len(result["scores"]["val"]) + int(client.get_run(result["run_id"]).data.tags[
+        "split_sizes"].split("'train': ")[1].split(",")[0])
+    assert len(oof) == oof.path.nunique() == n_non_test and set(oof.fold) == {0, 1}
+    test_paths = set(result["scores"]["test"].path)
+    assert not test_paths & set(oof.path)
+    expected = choose_threshold("fp_rate_bound", oof.p_defect.to_numpy(), oof.label.to_numpy())
+    assert result["threshold"] == pytest.approx(expected.value)
+    tags = client.get_run(result["run_id"]).data.tags
+    assert tags["threshold_policy"] == "cross_val" and "out-of-fold" in tags["threshold_chosen_on"]

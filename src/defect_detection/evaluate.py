@@ -3,9 +3,12 @@
     defect-eval model=runs:/<run_id>/model data=mvtec data.root=/data/mvtec "data.categories=[bottle]"
     defect-eval model=models:/defect-detector@champion subset=all data=folder data.root=/new/batch
     defect-eval model=outputs/train/<time>/checkpoints/best-epoch07.ckpt
+    defect-eval model=runs:/<run_id>/model threshold=fp_rate_bound   # re-pick on its saved val scores
 
 The model decides with the threshold (and temperature) stored with it, exactly as predict and
-serve do; the new run is tagged with the source run / model URI so it can be traced back.
+serve do, unless threshold=<policy> re-picks it on the training run's saved val scores
+(evaluation/repick.py; the new run then logs a model carrying the new threshold); the new run is
+tagged with the source run / model URI so it can be traced back.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR, exit_on_user_error
 from defect_detection.data.records import ImageRecord, check_records, records_from_config
 from defect_detection.evaluation.reports import prediction_table, write_report
-from defect_detection.evaluation.thresholds import ThresholdChoice
+from defect_detection.evaluation.repick import log_rethresholded_model, repick
+from defect_detection.evaluation.thresholds import ThresholdChoice, log_threshold
 from defect_detection.models.inference import Predictor, load_predictor
 from defect_detection.reports.html import log_html_report
 from defect_detection.tracking.mlflow_run import (
@@ -124,22 +128,33 @@ def evaluate(cfg: DictConfig) -> dict:
     predictor = _load(source, cfg.device, tracking_uri)
     records, leaky = select_records(cfg)
     override = cfg.get("override_threshold")
-    threshold = float(predictor.threshold if override is None else override)
-    if not 0.0 <= threshold <= 1.0:
-        raise UserError(f"override_threshold={threshold} is outside [0, 1]; leave it null to use the "
-                        "model's own.")
-    choice = ThresholdChoice(threshold, "override" if override is not None else
-                             str(predictor.meta.get("threshold_policy", "stored")),
-                             "command line" if override is not None else "stored with the model")
+    sources = source_tags(source, tracking_uri)
+    if cfg.get("threshold") and override is not None:
+        raise UserError("Give either threshold=<policy> (re-pick on the run's val scores) or "
+                        "override_threshold=<number>, not both.")
+    if cfg.get("threshold"):  # re-pick the operating point on the training run's saved val scores
+        choice = repick(cfg, tracking_uri, sources.get("source_run_id"))
+        threshold = choice.value
+    else:
+        threshold = float(predictor.threshold if override is None else override)
+        if not 0.0 <= threshold <= 1.0:
+            raise UserError(f"override_threshold={threshold} is outside [0, 1]; leave it null to use the "
+                            "model's own.")
+        choice = ThresholdChoice(threshold, "override" if override is not None else
+                                 str(predictor.meta.get("threshold_policy", "stored")),
+                                 "command line" if override is not None else "stored with the model")
     tracker = _tracker(cfg)
     try:
+        if cfg.get("threshold"):
+            log_threshold(tracker, choice, OmegaConf.to_container(cfg.threshold, resolve=True))
+            log_rethresholded_model(tracker, predictor, choice)
         tracker.log_params(flatten(cfg))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.set_tags({"task": "evaluate", "git_commit": git_commit(), "dataset": cfg.data.name,
                           "categories": ",".join(cfg.data.categories), "subset": cfg.subset,
                           "split": cfg.split.name if cfg.subset != "all" else "all",
                           "backbone": predictor.meta.get("backbone", ""), "leaky_protocol": leaky,
-                          "threshold_source": choice.chosen_on, **source_tags(source, tracking_uri)})
+                          "threshold_source": choice.chosen_on, **sources})
         p_defect = score(predictor, records)
         table = prediction_table(records, p_defect, threshold, split=str(cfg.subset))
         context = {"model": source, "subset": cfg.subset, "dataset": cfg.data.name,

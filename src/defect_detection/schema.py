@@ -53,13 +53,19 @@ class SplitSchema(_Loose):
 
 
 class ThresholdSchema(_Loose):
-    policy: Literal["fixed", "max_recall_at_fp", "min_fp_at_recall", "f1_max", "cost"]
+    policy: Literal["fixed", "max_recall_at_fp", "min_fp_at_recall", "f1_max", "cost", "fp_rate_bound",
+                    "cross_val"]
     value: float = Field(default=0.5, ge=0, le=1)
     max_fp: int = Field(default=0, ge=0)
     min_recall: float = Field(default=0.95, ge=0, le=1)
     cost_fp: float = Field(default=1.0, ge=0)
     cost_fn: float = Field(default=1.0, ge=0)
     fallback: float = Field(default=0.5, ge=0, le=1)
+    max_fp_rate: float = Field(default=0.05, gt=0, lt=1)
+    estimator: Literal["normal", "robust_normal", "bootstrap", "exp_tail"] = "normal"
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    folds: int = Field(default=3, ge=2)
+    fragile_log_odds: float = Field(default=1.0, gt=0)
 
 
 class DataSchema(_Loose):

@@ -23,7 +23,8 @@ from defect_detection.distributed import check_launch
 from defect_detection.evaluation.calibration import calibrate_module
 from defect_detection.evaluation.metrics import separation_margin, tag_undefined_metrics
 from defect_detection.evaluation.reports import log_test_report
-from defect_detection.evaluation.thresholds import check_selection_split, choose_threshold
+from defect_detection.evaluation.scores import log_scores, score_frame
+from defect_detection.evaluation.thresholds import check_selection_split, choose_threshold, log_threshold
 from defect_detection.explain.report import check_gradcam_config, log_gradcam
 from defect_detection.models.checkpointing import AtomicCheckpointIO, RngStateCallback
 from defect_detection.models.families import family
@@ -63,10 +64,13 @@ def build_input(cfg: DictConfig):
     return build_geometry(OmegaConf.to_container(inp, resolve=True) if inp else None, size)
 
 
-def build_datamodule(cfg: DictConfig) -> DefectDataModule:
-    # every file checked before the split: error lists all bad files, skip drops them (data/validate.py)
-    records, bad = screened_records(cfg)
-    split = instantiate(cfg.split.make)(records)
+def build_datamodule(cfg: DictConfig, split=None) -> DefectDataModule:
+    """The run's data; `split` replaces the configured split (cross-validation folds)."""
+    bad = []
+    if split is None:
+        # every file checked before the split: error lists all bad files, skip drops them (data/validate.py)
+        records, bad = screened_records(cfg)
+        split = instantiate(cfg.split.make)(records)
     if check := family(detector_name(cfg)).check_split:  # data the family cannot learn from: say so now
         check(cfg, split)
     geometry, bb = build_input(cfg), cfg.backbone
@@ -166,14 +170,15 @@ def train(cfg: DictConfig) -> dict:
         log_odds = (val["logits"][:, 1] - val["logits"][:, 0]) / float(module.temperature)
         val_metrics["val/margin"] = separation_margin(log_odds, val["label"])
         tracker.log_metrics({"val/margin": val_metrics["val/margin"]})
-        choice = choose_threshold(chosen_on="val", scores=val["p_defect"].numpy(),
-                                  labels=val["label"].numpy(),
-                                  **OmegaConf.to_container(cfg.threshold, resolve=True))
+        choice, oof = _choose(cfg, module, datamodule)
         module.set_threshold(choice.value)
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        scores = {s: score_frame(module.outputs[s], datamodule.records(s), float(module.temperature))
+                  for s in ("val", "test")}
         result = {"val": val_metrics, "test": test_metrics, "threshold": choice.value,
-                  "run_id": tracker.run_id, "best_checkpoint": best}
+                  "run_id": tracker.run_id, "best_checkpoint": best, "scores": scores}
         tag_undefined_metrics(tracker, {**val_metrics, **test_metrics})  # NaN: a split had one class
+        log_scores(tracker, {**scores, **({"oof": oof} if oof is not None else {})})  # what `defect-eval threshold=...` re-picks the operating point from
         _log_results(tracker, cfg, module, choice, best, datamodule)
         report_uri = log_html_report(tracker)  # report.html from the artifacts just logged
         tracker.finish("FINISHED")
@@ -189,6 +194,23 @@ def train(cfg: DictConfig) -> dict:
              choice.value, choice.policy)
     log_run_summary(tracker, test_metrics, choice, report_uri)
     return result
+
+
+def _choose(cfg: DictConfig, module: DetectorModule, datamodule: DefectDataModule):
+    """The threshold of cfg.threshold on val (or, for cross_val, on out-of-fold train+val scores),
+    and those out-of-fold scores (None for the other policies)."""
+    params = OmegaConf.to_container(cfg.threshold, resolve=True)
+    if cfg.threshold.policy == "cross_val":
+        from defect_detection.evaluation.cross_val import out_of_fold_scores
+
+        oof = out_of_fold_scores(cfg, datamodule.split)
+        return choose_threshold(chosen_on=f"out-of-fold train+val ({params.get('folds', 3)} folds)",
+                                scores=oof.p_defect.to_numpy(), labels=oof.label.to_numpy(),
+                                paths=oof.path.tolist(), **params), oof
+    val = module.outputs["val"]
+    records = datamodule.records("val")
+    return choose_threshold(chosen_on="val", scores=val["p_defect"].numpy(), labels=val["label"].numpy(),
+                            paths=[records[i].path for i in val["index"].tolist()], **params), None
 
 
 def _log_setup(tracker: RunTracker, cfg: DictConfig, split) -> None:
@@ -212,12 +234,7 @@ def _log_results(tracker: RunTracker, cfg: DictConfig, module: DetectorModule, c
     datamodule.records(stage)[index] is the record behind each score."""
     if not tracker.enabled:
         return
-    tracker.set_tags({"threshold_policy": choice.policy, "threshold_chosen_on": choice.chosen_on,
-                      **({"threshold_warnings": " | ".join(choice.warnings)} if choice.warnings else {})})
-    tracker.log_dict({"value": choice.value, "policy": choice.policy, "chosen_on": choice.chosen_on,
-                      "counts_on_val": choice.counts, "warnings": choice.warnings,
-                      "config": OmegaConf.to_container(cfg.threshold, resolve=True)},
-                     "reports/threshold.json")
+    log_threshold(tracker, choice, OmegaConf.to_container(cfg.threshold, resolve=True))
     log_test_report(tracker, module.outputs["test"], datamodule.records("test"), choice,
                     leaky=datamodule.split.leaky, temperature=float(module.temperature),
                     out_dir=Path(cfg.paths.output_dir) / "reports")

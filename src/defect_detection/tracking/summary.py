@@ -61,6 +61,23 @@ def summary_lines(test_metrics: Mapping[str, float], threshold: float, policy: s
     return [*head, *lines, *([f"report: {report_uri}"] if report_uri else [])]
 
 
+def threshold_lines(choice) -> list[str]:
+    """What the selection split supports about the threshold (ThresholdChoice diagnostics)."""
+    bound = getattr(choice, "fp_rate_upper_bound", float("nan"))
+    if not isinstance(bound, float) or math.isnan(bound):
+        return []
+    counts = choice.counts
+    n_good = counts.get("fp", 0) + counts.get("tn", 0)
+    margin = choice.margin.get("to_good", float("nan"))
+    lines = [f"threshold: {counts.get('fp', 0)} FP in {n_good} goods on {choice.chosen_on} support only "
+             f"FP rate < {bound:.1%} at {choice.confidence:.0%} confidence; margin to the nearest good "
+             f"{margin:.2f} log-odds"]
+    if choice.fragile:
+        lines.append(f"WARNING: {choice.fragile['images']} {choice.chosen_on} image(s) alone fix the "
+                     f"threshold (without them: {choice.fragile['threshold_without']:.4g})")
+    return lines
+
+
 def log_run_summary(tracker, test_metrics: Mapping[str, float], choice,
                     report_uri: str | None = None) -> list[str]:
     """Log the summary block at INFO (run id, UI command and URL, test numbers, report.html)."""
@@ -73,6 +90,7 @@ def log_run_summary(tracker, test_metrics: Mapping[str, float], choice,
     lines = summary_lines(test_metrics, float(choice.value), str(choice.policy), str(choice.chosen_on),
                           run_id=tracker.run_id if tracker.enabled else None, experiment_id=experiment_id,
                           tracking_uri=tracker.tracking_uri, report_uri=report_uri)
+    lines += threshold_lines(choice)
     width = max(len(line) for line in lines)
     rule = "─" * min(width, 100)
     log.info("run summary\n%s\n%s\n%s", rule, "\n".join(lines), rule)

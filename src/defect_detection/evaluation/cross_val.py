@@ -1,0 +1,85 @@
+"""Out-of-fold scores over train+val for threshold=cross_val.
+
+With a 60/20/20 split the threshold is chosen on the 20 % val images only; k fold models, each
+trained with the run's own recipe on the other k-1 folds of train+val, score the fold they did not
+see, so the threshold is chosen on every non-test image. Test images are never touched. Each fold
+model selects its checkpoint and stops early on its held-out fold, as the final model does on val
+(a mild optimism, shared with the final model's val scores); temperature is 1 for fold models.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from defect_detection import UserError
+from defect_detection.data.records import ImageRecord
+from defect_detection.data.splits import Split
+from defect_detection.evaluation.scores import score_frame
+
+log = logging.getLogger(__name__)
+
+
+def folds(records: list[ImageRecord], k: int, seed: int) -> list[list[ImageRecord]]:
+    """k folds, each (category, label) stratum dealt round-robin after a seeded shuffle."""
+    if k < 2:
+        raise UserError(f"threshold.folds={k}: cross-validation needs at least 2 folds.")
+    strata: dict[tuple[str, int], list[ImageRecord]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: r.path):
+        strata[(r.category, int(r.label))].append(r)
+    out: list[list[ImageRecord]] = [[] for _ in range(k)]
+    rng, start = random.Random(seed), 0
+    for key in sorted(strata):
+        items = strata[key]
+        rng.shuffle(items)
+        for i, r in enumerate(items):
+            out[(start + i) % k].append(r)
+        start += len(items)  # small strata do not all land in fold 0
+    for i, fold in enumerate(out):
+        labels = {int(r.label) for r in fold}
+        if labels != {0, 1}:
+            raise UserError(f"threshold.folds={k}: fold {i} of train+val has no "
+                            f"{'defect' if 1 not in labels else 'good'} image; use fewer folds.")
+    return out
+
+
+def out_of_fold_scores(cfg: DictConfig, split: Split | None = None) -> pd.DataFrame:
+    """Scores of every train+val image by the fold model that did not train on it (column `fold`)."""
+    from defect_detection.data.validate import screened_records
+    from defect_detection.models.checkpointing import AtomicCheckpointIO
+    from defect_detection.train import build_datamodule, build_module, detector_name
+    from defect_detection.models.families import family
+    import pytorch_lightning as pl
+
+    if split is None:
+        records, _ = screened_records(cfg)
+        split = instantiate(cfg.split.make)(records)
+    k = int(cfg.threshold.get("folds", 3))
+    parts = folds(list(split.train) + list(split.val), k, int(cfg.seed))
+    frames = []
+    for i, held_out in enumerate(parts):
+        fold_cfg = cfg.copy()
+        OmegaConf.update(fold_cfg, "paths.output_dir", str(Path(cfg.paths.output_dir) / "cv" / f"fold{i}"))
+        train = [r for j, p in enumerate(parts) if j != i for r in p]
+        fold_split = Split(train=train, val=held_out, test=list(held_out))
+        pl.seed_everything(int(cfg.seed) + 1 + i, workers=True)
+        datamodule = build_datamodule(fold_cfg, fold_split)
+        module = build_module(fold_cfg, datamodule.class_counts("train"))
+        callbacks = [instantiate(c) for name, c in fold_cfg.get("callbacks", {}).items()
+                     if c and name != "progress_bar"]
+        trainer = instantiate(fold_cfg.trainer, logger=False, callbacks=callbacks,
+                              plugins=[AtomicCheckpointIO()], enable_progress_bar=False,
+                              **family(detector_name(fold_cfg)).trainer)
+        trainer.fit(module, datamodule=datamodule, weights_only=True)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False,
+                         weights_only=True)
+        frames.append(score_frame(module.outputs["val"], datamodule.records("val")).assign(fold=i))
+        log.info("cross_val: fold %d/%d scored %d held-out images", i + 1, k, len(held_out))
+    return pd.concat(frames, ignore_index=True)
