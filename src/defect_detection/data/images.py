@@ -90,25 +90,33 @@ def _reason(err: Exception) -> str:
 
 
 @contextmanager
-def _open(path: str | Path) -> Iterator[Image.Image]:
-    """Image.open that checks the file first and the pixel count before any pixel is decoded."""
-    path = Path(path)
-    _check_file(path)
+def _guarded(opener, name: str | Path) -> Iterator[Image.Image]:
+    """The opened image, its pixel count checked before any pixel is decoded; every PIL error
+    while it is used becomes a BadImageError naming `name`."""
     try:
-        im = Image.open(path)  # reads the header only; PIL itself raises at 2x the limit
+        im = opener()  # reads the header only; PIL itself raises at 2x the limit
     except Exception as err:  # PIL raises many types for hostile files; all mean "bad file"
-        raise BadImageError(path, _reason(err)) from err
+        raise BadImageError(name, _reason(err)) from err
     with im:
         limit = Image.MAX_IMAGE_PIXELS
         width, height = im.size
         if limit and width * height > limit:
-            raise BadImageError(path, _too_many(f"{width} x {height} = {width * height:,}", limit))
+            raise BadImageError(name, _too_many(f"{width} x {height} = {width * height:,}", limit))
         try:
             yield im
         except BadImageError:
             raise
         except Exception as err:
-            raise BadImageError(path, _reason(err)) from err
+            raise BadImageError(name, _reason(err)) from err
+
+
+@contextmanager
+def _open(path: str | Path) -> Iterator[Image.Image]:
+    """Image.open that checks the file first and the pixel count before any pixel is decoded."""
+    path = Path(path)
+    _check_file(path)
+    with _guarded(lambda: Image.open(path), path) as im:
+        yield im
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -141,19 +149,8 @@ def load_rgb_bytes(data: bytes, name: str = "image bytes") -> Image.Image:
 
     if not data:
         raise BadImageError(name, "empty (0 bytes)")
-    try:
-        im = Image.open(io.BytesIO(data))
-    except Exception as err:
-        raise BadImageError(name, _reason(err)) from err
-    with im:
-        limit = Image.MAX_IMAGE_PIXELS
-        width, height = im.size
-        if limit and width * height > limit:
-            raise BadImageError(name, _too_many(f"{width} x {height} = {width * height:,}", limit))
-        try:
-            return _to_rgb(im)
-        except Exception as err:
-            raise BadImageError(name, _reason(err)) from err
+    with _guarded(lambda: Image.open(io.BytesIO(data)), name) as im:
+        return _to_rgb(im)
 
 
 def verify_image(path: str | Path) -> None:
