@@ -29,8 +29,7 @@ def run_auto_recipe(cfg: DictConfig, user_overrides: Sequence[str]) -> dict:
     out = Path(cfg.paths.output_dir)
     base = [o for o in user_overrides if not o.startswith("paths.output_dir=")]
 
-    def compose_one(overrides: list[str]) -> DictConfig:
-        label = next(o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("run_name="))
-        return compose_train([*overrides, f"paths.output_dir={out / label}"])
+    def compose_one(label: str, overrides: list[str]) -> DictConfig:
+        return compose_train([*overrides, f"run_name={label}", f"paths.output_dir={out / label}"])
 
     return run_auto(cfg, base, train, compose_one)

@@ -97,13 +97,13 @@ def table(outcomes: Sequence[Outcome], winner: Outcome | None) -> pd.DataFrame:
 def run_auto(
     cfg: DictConfig,
     user_overrides: Sequence[str],
-    train_one: Callable[[list[str]], dict],
-    compose_one: Callable[[list[str]], DictConfig],
+    train_one: Callable[[DictConfig], dict],
+    compose_one: Callable[[str, list[str]], DictConfig],
 ) -> dict:
     """Profile the data, run the candidates within `auto.budget_minutes`, return the winner's result.
 
-    `compose_one(overrides)` composes a candidate's config, `train_one(cfg)` trains it (the
-    real train); both injected so the entry point stays thin."""
+    `compose_one(label, overrides)` composes a candidate's config (its run named `label`),
+    `train_one(cfg)` trains it (the real train); both injected so the entry point stays thin."""
     from hydra.utils import instantiate
 
     auto = cfg.auto
@@ -163,7 +163,7 @@ def run_auto(
             t0 = time.perf_counter()
             try:
                 result = train_one(
-                    compose_one([*user_overrides, *c.overrides, "auto.enabled=false", f"run_name={c.label}"])
+                    compose_one(c.label, [*user_overrides, *c.overrides, "auto.enabled=false"])
                 )
             except Exception as err:  # one failing candidate must not end the search
                 log.error("auto: candidate %s failed: %s: %s", c.label, type(err).__name__, err)
