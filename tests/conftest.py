@@ -59,3 +59,35 @@ def synthetic_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("data") / "synthetic"
     return generate_synthetic(root, n_train_good=6, n_test_good=4, n_per_defect=3, image_size=64)
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    from defect_detection import project_root
+
+    spec = importlib.util.spec_from_file_location(name, project_root() / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def wait_for_ping(server, port: int, poll_s: float = 0.5, timeout_s: float = 240) -> None:
+    """Until the MLflow scoring server started as `server` answers /ping on 127.0.0.1:`port`;
+    fails with its output when it exits first."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, server.stdout.read()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        assert time.monotonic() < deadline, f"server did not answer /ping within {timeout_s:g} s"
+        time.sleep(poll_s)

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from defect_detection import project_root
+from tests.conftest import load_script
 
 
 def _script():
-    path = project_root() / "scripts" / "compare_recipes.py"
-    spec = importlib.util.spec_from_file_location("compare_recipes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare_recipes")
 
 
 def _row(recipe, seed, auroc, recall, fp, fn):

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +23,7 @@ from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
 from defect_detection.predict import predict
 from defect_detection.tracking.registry import find_candidates, promote
+from tests.conftest import wait_for_ping
 from tests.test_promote import make_bundle, make_run, tracking_uri
 
 NAME = "defect-classifier"
@@ -119,17 +119,7 @@ def test_mlflow_serves_the_champion_on_localhost(champion, synthetic_root):
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.monotonic() < deadline, "server did not answer /ping within 240 s"
-            time.sleep(1)
+        wait_for_ping(server, port, poll_s=1)
         paths = sorted(str(p) for p in synthetic_root.glob("disc/test/*/000.png"))
         body = json.dumps({"dataframe_split": {"columns": ["path"], "data": [[p] for p in paths]}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,

@@ -23,7 +23,7 @@ from defect_detection.config import CONFIG_DIR
 from defect_detection.predict import predict
 from defect_detection.tracking.pyfunc import ROOTS_ENV
 from defect_detection.train import train
-from tests.conftest import compose_train
+from tests.conftest import compose_train, wait_for_ping
 from tests.test_predict_serve import predict_cfg
 from tests.test_promote import make_bundle, make_run, tracking_uri
 from tests.test_resume import _cfg
@@ -405,7 +405,6 @@ def test_a_tracking_uri_from_the_environment_moves_the_artifacts_too(tmp_path, m
 def test_make_serve_scores_base64_refuses_paths_outside_its_roots_and_keeps_good_rows(tmp_path):
     import base64
     import json
-    import time
     import urllib.error
     import urllib.request
 
@@ -434,17 +433,7 @@ def test_make_serve_scores_base64_refuses_paths_outside_its_roots_and_keeps_good
     server = subprocess.Popen(make, cwd=shell, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.monotonic() < deadline, "server did not answer /ping within 240 s"
-            time.sleep(0.5)
+        wait_for_ping(server, port, poll_s=0.5)
         b64 = base64.b64encode(image.read_bytes()).decode()
         rows = [{"image_b64": b64}, {"image_b64": "not base64!"}, {"path": str(image)},
                 {"path": "/etc/shadow"}, {"path": str(tmp_path / "nowhere.png")}, {"path": str(secret)},

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import pandas as pd
 import pytest
 
-from defect_detection import project_root
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def study():
-    path = project_root() / "scripts" / "threshold_study.py"
-    spec = importlib.util.spec_from_file_location("threshold_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("threshold_study")
 
 
 def _frame(good, defect):

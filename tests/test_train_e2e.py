@@ -103,8 +103,8 @@ def test_run_logs_val_and_test_scores_and_the_threshold_diagnostics(trained):
 
 
 def test_cross_val_chooses_on_out_of_fold_scores_of_every_non_test_image(tmp_path):
-    from tests.conftest import compose_train
     from defect_detection.evaluation.thresholds import choose_threshold
+    from tests.conftest import compose_train
 
     cfg = compose_train(tmp_path, "threshold=cross_val", "threshold.folds=2", "explain=none",
                         "log_model=false", "log_data_summary=false")

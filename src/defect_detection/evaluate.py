@@ -25,8 +25,8 @@ from rich.progress import Progress
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR, exit_on_user_error
 from defect_detection.data.records import ImageRecord, check_records, records_from_config
-from defect_detection.evaluation.reports import prediction_table, write_report
 from defect_detection.evaluation.repick import log_rethresholded_model, repick
+from defect_detection.evaluation.reports import prediction_table, write_report
 from defect_detection.evaluation.thresholds import ThresholdChoice, log_threshold
 from defect_detection.models.inference import Predictor, load_predictor
 from defect_detection.reports.html import log_html_report

@@ -51,11 +51,12 @@ def folds(records: list[ImageRecord], k: int, seed: int) -> list[list[ImageRecor
 
 def out_of_fold_scores(cfg: DictConfig, split: Split | None = None) -> pd.DataFrame:
     """Scores of every train+val image by the fold model that did not train on it (column `fold`)."""
+    import pytorch_lightning as pl
+
     from defect_detection.data.validate import screened_records
     from defect_detection.models.checkpointing import AtomicCheckpointIO
-    from defect_detection.train import build_datamodule, build_module, detector_name
     from defect_detection.models.families import family
-    import pytorch_lightning as pl
+    from defect_detection.train import build_datamodule, build_module, detector_name
 
     if split is None:
         records, _ = screened_records(cfg)
