@@ -29,6 +29,7 @@ JSON last and saves it under outputs/benchmark/ (or --out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -535,6 +536,126 @@ def compose_cfg_for_tracking(cfg: DictConfig) -> DictConfig:
     return tracking
 
 
+# -- runtimes: eager vs ONNX Runtime vs OpenVINO, fp32 and int8, against the arithmetic bound ---
+RUNTIME_VARIANTS = ("eager fp32", "onnxruntime fp32", "openvino fp32", "onnxruntime int8", "openvino int8")
+
+
+def _runtime_predictor(variant: str, files: dict, threads: int):
+    from defect_detection.models.openvino_predictor import OpenVinoPredictor
+
+    runtime, precision = variant.split()
+    path = files[(runtime, precision)]
+    if runtime == "onnxruntime":
+        return OnnxPredictor(path, threads=threads)
+    return OpenVinoPredictor(path, threads=threads, hint="LATENCY")
+
+
+def run_runtimes(args, work: Path) -> dict:
+    """Every runtime on the same prepared inputs of each model's test split; parity on val and test."""
+    from defect_detection.export import export, parity, run_images
+    from defect_detection.models.inference import load_predictor
+    from defect_detection.runtime_speed import (
+        best_batch,
+        flops_per_input,
+        gemm_peak_gflops,
+        latency_ms,
+        torch_threads,
+    )
+    from defect_detection.tracking.mlflow_run import fluent_tracking_uri
+    from defect_detection.tracking.summary import default_store_uri
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri()
+    peak = {t: gemm_peak_gflops(t) for t in args.threads}
+    log.info("fp32 GEMM peak: %s GFLOP/s", {t: round(v, 1) for t, v in peak.items()})
+    models = []
+    with fluent_tracking_uri(uri):
+        for k, source in enumerate(args.runtimes):
+            reference = load_predictor(source)
+            val, test = run_images(source, "val", uri), run_images(source, "test", uri)
+            if not val or not test:
+                raise UserError(f"{source}: --runtimes needs MLflow model URIs whose runs logged "
+                                "scores/val_scores.csv and test_scores.csv (defect-train does).")
+            files, exports = {("eager", "fp32"): None}, {}
+            for runtime, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino")):
+                for quantize in (None, "int8"):
+                    out = work / f"m{k}-{fmt}-{quantize or 'fp32'}{'.onnx' if fmt == 'onnx' else '.xml'}"
+                    start = time.perf_counter()
+                    report = export(source, out, fmt=fmt, quantize=quantize, force=True,
+                                    tracking_uri=uri)
+                    report["export_s"] = time.perf_counter() - start
+                    precision = quantize or "fp32"
+                    files[(runtime, precision)], exports[f"{runtime} {precision}"] = out, report
+            x = reference.preprocess(thin(test, args.runtime_images))
+            flops = flops_per_input(reference.net, x.shape[1:])
+            per_image = len(reference.preprocess(test[:1]))
+            variants = {}
+            for variant in RUNTIME_VARIANTS:
+                runtime, precision = variant.split()
+                entry = {"threads": {}}
+                if runtime != "eager":
+                    checker = _runtime_predictor(variant, files, max(args.threads))
+                    entry["parity_val"] = parity(reference, checker, val)
+                    entry["parity_test"] = parity(reference, checker, test)
+                    entry["size_mb"] = exports[variant]["size_mb"]
+                    entry["export_s"] = exports[variant]["export_s"]
+                for t in args.threads:
+                    if runtime == "eager":
+                        scorer, ctx = reference._tile_logits, torch_threads(t)
+                    else:
+                        scorer = _runtime_predictor(variant, files, t)._tile_logits
+                        ctx = contextlib.nullcontext()
+                    with ctx:
+                        lat = latency_ms(scorer, x, calls=args.latency_calls)
+                        tput = best_batch(scorer, x, args.runtime_batches, repeats=args.repeats)
+                    bound = peak[t] * 1e9 / flops
+                    entry["threads"][str(t)] = {**lat, **tput, "bound_inputs_per_s": bound,
+                                                "fraction_of_bound": tput["inputs_per_s"] / bound}
+                    log.info("%s %s threads=%d: p50 %.1f ms, %.1f inputs/s at batch %d (%.0f%% of bound)",
+                             Path(str(source)).name, variant, t, lat["p50_ms"], tput["inputs_per_s"],
+                             tput["best_batch"], 100 * tput["inputs_per_s"] / bound)
+                variants[variant] = entry
+            models.append({"source": source, "meta": reference.meta, "input_shape": list(x.shape[1:]),
+                           "inputs_per_image": per_image, "n_val": len(val), "n_test": len(test),
+                           "n_timed_inputs": len(x), "gflops_per_input": flops / 1e9, "variants": variants})
+    return {"kind": "runtimes", "machine": machine(), "load": uptime(), "gemm_peak_gflops": peak,
+            "threads": args.threads, "batches": args.runtime_batches, "models": models}
+
+
+def machine() -> dict:
+    import onnxruntime
+    import openvino
+
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    return {"cpu_count": os.cpu_count(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "openvino": openvino.__version__,
+            "isa": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "vnni")))}
+
+
+def runtimes_markdown(result: dict) -> str:
+    """The speed table the README quotes, one block per model."""
+    lines = ["fp32 GEMM peak (torch.mm 2048^2, best of 7): "
+             + ", ".join(f"{v:.1f} GFLOP/s at {t} thread(s)" for t, v in result["gemm_peak_gflops"].items()),
+             f"Machine: {result['machine']}", ""]
+    for m in result["models"]:
+        lines += [f"### {m['source']} ({m['meta'].get('input', {}).get('name', 'square')}, input "
+                  f"{'x'.join(map(str, m['input_shape']))}, {m['inputs_per_image']} input(s) per image, "
+                  f"{m['gflops_per_input']:.3f} GFLOP per input)", "",
+                  "| runtime | threads | p50 ms (batch 1) | p99 ms | inputs/s (best batch) | best batch "
+                  "| % of fp32 bound | val flips | test flips | max abs dp (test) | MB |",
+                  "|---" * 11 + "|"]
+        for variant, e in m["variants"].items():
+            pv, pt = e.get("parity_val"), e.get("parity_test")
+            flips = ["-" if q is None else f"{q['decision_flips']}/{q['n_images']}" for q in (pv, pt)]
+            dp = "-" if pt is None else f"{pt['max_abs_diff_p_defect']:.2e}"
+            for t, r in e["threads"].items():
+                lines.append(
+                    f"| {variant} | {t} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['inputs_per_s']:.1f} "
+                    f"| {r['best_batch']} | {100 * r['fraction_of_bound']:.0f} | {flips[0]} | {flips[1]} "
+                    f"| {dp} | {e.get('size_mb', '-')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -557,6 +678,16 @@ def parse_args(argv=None):
     p.add_argument("--mlflow", action="store_true", help="log the results to the project's MLflow store")
     p.add_argument("--quick", action="store_true", help="smoke check: 40 images, 96 px, 1 epoch, 1 repeat")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default outputs/benchmark/<time>.json)")
+    p.add_argument("--runtimes", nargs="+", default=None, metavar="MODEL",
+                   help="instead of training: time eager / ONNX Runtime / OpenVINO, fp32 and int8, on these "
+                   "MLflow models (runs:/ID/model, models:/NAME@alias) with their runs' val and test "
+                   "images")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="--runtimes: thread counts")
+    p.add_argument("--runtime-batches", type=int, nargs="+", default=[1, 8, 32],
+                   help="--runtimes: batch sizes")
+    p.add_argument("--runtime-images", type=int, default=64, help="--runtimes: timed inputs per model")
+    p.add_argument("--latency-calls", type=int, default=60, help="--runtimes: batch-1 calls for p50/p99")
+    p.add_argument("--markdown", type=Path, default=None, help="--runtimes: also write the table here")
     p.add_argument("override", nargs="*", help="extra Hydra overrides, e.g. backbone.channels_last=false")
     args = p.parse_args(argv)
     if args.quick:
@@ -574,6 +705,22 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*limit_val_batches=0.*")
     warnings.filterwarnings("ignore", ".*in eval mode at the start of training.*")  # frozen BN, refits
+    if args.runtimes:
+        try:
+            with tempfile.TemporaryDirectory(prefix="defect-runtimes-") as work:
+                result = run_runtimes(args, Path(work))
+        except UserError as err:
+            raise SystemExit(f"error: {err}") from None
+        result["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+        out = args.out or project_root() / "outputs" / "benchmark" / f"runtimes-{stamp}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        if args.markdown:
+            args.markdown.write_text(runtimes_markdown(result))
+        log.info("saved %s", out)
+        print(runtimes_markdown(result))
+        return
     if not (args.data_root / args.categories[0]).is_dir():
         raise SystemExit(f"error: {args.data_root / args.categories[0]} not found. Pass --data-root "
                          "/path/to/mvtec (the folder holding bottle/, cable/, ...).")

@@ -19,10 +19,8 @@ import argparse
 import json
 import logging
 import shlex
-import statistics
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np

@@ -57,7 +57,8 @@ def test_onnx_predictor_reads_meta_and_decides_like_predictor(exported, images):
     bundle, out = exported
     eager, onnx = Predictor(bundle, batch_size=3), load_predictor(out, batch_size=3)
     assert isinstance(onnx, OnnxPredictor)
-    assert onnx.meta == eager.meta and onnx.threshold == 0.5 and onnx.meta["temperature"] == 1.5
+    assert {k: v for k, v in onnx.meta.items() if k not in ("runtime_format", "precision")} == eager.meta
+    assert onnx.meta["precision"] == "fp32" and onnx.threshold == 0.5 and onnx.meta["temperature"] == 1.5
     a, b = eager.predict(images), onnx.predict(images)
     assert list(a.columns) == list(b.columns)
     np.testing.assert_allclose(a["p_defect"], b["p_defect"], atol=1e-4)
@@ -83,7 +84,8 @@ def test_failed_parity_publishes_nothing(exported, tmp_path, monkeypatch):
 
     bundle, onnx_file = exported
     # reuse the exported graph (exporting again is slow); the check and the publishing are real
-    monkeypatch.setattr(export_mod, "export_onnx", lambda predictor, out, opset: shutil.copy(onnx_file, out))
+    monkeypatch.setattr(export_mod, "export_onnx", 
+                        lambda predictor, out, opset=None, meta=None: shutil.copy(onnx_file, out))
     out = tmp_path / "never.onnx"
     with pytest.raises(SystemExit, match="parity failed"):
         export_mod.main([str(bundle), "-o", str(out), "--tolerance", "-1"])

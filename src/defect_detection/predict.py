@@ -71,7 +71,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     if refused and on_error == "fail":
         raise UserError(refused[0][1])
     with fluent_tracking_uri(cfg.tracking_uri):  # for runs:/ and models:/ URIs; restored after
-        predictor = _load(model, cfg.device)
+        predictor = _load(model, cfg.device, str(cfg.get("runtime", "auto")))
     predictor.batch_size = int(cfg.batch_size)
     table = _with_refused(score(predictor, [p for p, why in entries if not why], on_error),
                           entries, predictor.threshold)
@@ -87,6 +87,10 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
              n_defect, len(table) - n_defect - n_error, f", {n_error} unreadable" if n_error else "",
              predictor.threshold, out)
     if cfg.gradcam.enabled:
+        if not hasattr(predictor, "net"):
+            raise UserError(f"gradcam.enabled=true needs the PyTorch model: {model} runs on "
+                            f"{cfg.get('runtime', 'auto')}; predictions were written to {out}; run "
+                            "again with the bundle or MLflow model and runtime=torch for the overlays.")
         from defect_detection.explain.writer import write_overlays
 
         ok = [Path(p) for p, d in zip(table["path"], table["decision"]) if d != "error"]
@@ -113,9 +117,9 @@ def _with_refused(table: pd.DataFrame, entries: Sequence[tuple[Path, str | None]
     return merged.sort_values("path", key=lambda c: c.map(order), kind="stable", ignore_index=True)
 
 
-def _load(model: str, device: str) -> Predictor:
+def _load(model: str, device: str, runtime: str = "auto") -> Predictor:
     try:
-        return load_predictor(model, device=device)
+        return load_predictor(model, device=device, runtime=runtime)
     except UserError:
         raise
     except Exception as err:  # MLflow: unknown registered model / alias, unreachable store

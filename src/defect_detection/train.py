@@ -178,7 +178,8 @@ def train(cfg: DictConfig) -> dict:
         result = {"val": val_metrics, "test": test_metrics, "threshold": choice.value,
                   "run_id": tracker.run_id, "best_checkpoint": best, "scores": scores}
         tag_undefined_metrics(tracker, {**val_metrics, **test_metrics})  # NaN: a split had one class
-        log_scores(tracker, {**scores, **({"oof": oof} if oof is not None else {})})  # what `defect-eval threshold=...` re-picks the operating point from
+        # what `defect-eval threshold=...` re-picks the operating point from
+        log_scores(tracker, {**scores, **({"oof": oof} if oof is not None else {})})
         _log_results(tracker, cfg, module, choice, best, datamodule)
         report_uri = log_html_report(tracker)  # report.html from the artifacts just logged
         tracker.finish("FINISHED")

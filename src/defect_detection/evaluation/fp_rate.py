@@ -3,8 +3,9 @@
 `fp_rate_threshold` puts the threshold where the estimated good-part FP rate is `max_fp_rate`,
 from the val-good score distribution in log-odds (a normal fit, a robust median/MAD normal fit, an
 exponential fit to the upper quarter (peaks over threshold), or a bootstrap upper bound of the
-empirical quantile) instead of from the single highest-scoring good image. `fp_rate_upper_bound` is the one-sided Clopper-Pearson bound on the FP
-rate that the val count supports: 0 false positives in 80 val goods support only "below 3.7 % at
+empirical quantile) instead of from the single highest-scoring good image.
+`fp_rate_upper_bound` is the one-sided Clopper-Pearson bound on the FP rate that the val count
+supports: 0 false positives in 80 val goods support only "below 3.7 % at
 95 % confidence", however far the threshold is from the goods.
 """
 

@@ -22,7 +22,8 @@ from defect_detection.evaluation.scores import download_scores, read_scores
 from defect_detection.evaluation.thresholds import ThresholdChoice, choose_threshold
 
 
-def selection_scores(cfg: DictConfig, tracking_uri: str, source_run_id: str | None) -> tuple[pd.DataFrame, str]:
+def selection_scores(cfg: DictConfig, tracking_uri: str,
+                     source_run_id: str | None) -> tuple[pd.DataFrame, str]:
     """The scores the new threshold is chosen on and where they came from: cfg.threshold_scores
     (a scores CSV or a training run id) or else the training run behind cfg.model."""
     policy = str(cfg.threshold.policy)
@@ -41,7 +42,8 @@ def selection_scores(cfg: DictConfig, tracking_uri: str, source_run_id: str | No
         if split == "oof":
             raise UserError(f"threshold=cross_val needs out-of-fold scores, which only a run trained with "
                             f"threshold=cross_val logs (scores/oof_scores.csv); run {run_id} has none. "
-                            "Retrain with threshold=cross_val, or re-pick with threshold=fp_rate_bound.") from err
+                            "Retrain with threshold=cross_val, or re-pick with "
+                            "threshold=fp_rate_bound.") from err
         raise
 
 

@@ -227,22 +227,51 @@ class Predictor(BasePredictor):
         return folded
 
 
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
+EXPORTED = {".onnx": "onnx", ".xml": "openvino"}
+
+
 def load_predictor(source: str | Path, device: str = "cpu", *, bf16: bool = False,
-                   batch_size: int = 32) -> BasePredictor:
+                   batch_size: int = 32, runtime: str = "auto") -> BasePredictor:
     """A predictor from a bundle (.pt), a checkpoint (.ckpt), an MLflow model URI (runs:/,
-    models:/) or an exported ONNX model (.onnx, scored with ONNX Runtime; `defect-export`)."""
+    models:/) or an exported model (.onnx: ONNX Runtime; .xml: OpenVINO; `defect-export`).
+
+    runtime: auto (by what `source` is), torch, onnx or openvino. A PyTorch source asked to run
+    on onnx/openvino is exported in memory (fp32, parity-checked against eager first), so it
+    decides as evaluation did; int8 artefacts come from `defect-export --quantize int8`.
+    """
     text = str(source)
+    if runtime not in RUNTIMES:
+        raise UserError(f"runtime={runtime}: use one of {', '.join(RUNTIMES)}.")
+    suffix = Path(text).suffix.lower() if "://" not in text else ""
+    if suffix in EXPORTED:
+        kind = EXPORTED[suffix]
+        runtime = kind if runtime == "auto" else runtime
+        if runtime == "torch" or (kind == "openvino" and runtime == "onnx"):
+            raise UserError(f"{source} is an exported {kind} model: it runs with runtime="
+                            f"{'onnx or openvino' if kind == 'onnx' else 'openvino'} (or auto); "
+                            "runtime=torch needs the bundle, checkpoint or MLflow model.")
+        if runtime == "openvino":
+            from defect_detection.models.openvino_predictor import OpenVinoPredictor
+
+            return OpenVinoPredictor(source, batch_size=batch_size)
+        from defect_detection.models.onnx_predictor import OnnxPredictor
+
+        return OnnxPredictor(source, batch_size=batch_size)
     if "://" in text or text.startswith(("runs:/", "models:/")):
         import mlflow
 
         model = mlflow.pyfunc.load_model(text)
         predictor = model.unwrap_python_model().predictor
-        predictor.net.to(device)
-        predictor.device = torch.device(device)
-        predictor.bf16, predictor.batch_size = bf16, batch_size
+        if isinstance(predictor, Predictor):
+            predictor.net.to(device)
+            predictor.device = torch.device(device)
+            predictor.bf16 = bf16
+        predictor.batch_size = batch_size
+    else:
+        predictor = Predictor(source, device=device, batch_size=batch_size, bf16=bf16)
+    if runtime in ("auto", "torch") or not isinstance(predictor, Predictor):
         return predictor
-    if text.endswith(".onnx"):
-        from defect_detection.models.onnx_predictor import OnnxPredictor
+    from defect_detection.export import exported_predictor
 
-        return OnnxPredictor(source, batch_size=batch_size)
-    return Predictor(source, device=device, batch_size=batch_size, bf16=bf16)
+    return exported_predictor(predictor, runtime)

@@ -3,7 +3,8 @@
 A served model must not read whatever server path a client names (a file-existence oracle), so
 when served it reads paths only under the allowed roots (env DEFECT_SERVE_ROOTS, os.pathsep-
 separated, or model_config={"allowed_roots": [...]}; none by default) and takes the image itself
-as base64 (`image_b64`). Each row gets a decision or an `error`, so one bad row does not fail
+as base64 (`image_b64`). model_config={"runtime": "openvino"} (or "onnx") scores with that
+runtime. Each row gets a decision or an `error`, so one bad row does not fail
 the request. Loaded in-process (mlflow.pyfunc.load_model) paths are read as the caller could
 read them anyway, unless allowed roots are configured.
 """
@@ -23,6 +24,10 @@ from defect_detection import UserError
 
 PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "pillow", "pandas", "numpy", "mlflow"]
 ROOTS_ENV = "DEFECT_SERVE_ROOTS"
+# What a load may override (MLflow lets model_config, or the MLFLOW_PYFUNC_INFERENCE_CONFIG JSON
+# when served, change only keys logged with the model). runtime: torch, onnx or openvino; the
+# bundle is then exported in memory (fp32) and parity-checked before it scores.
+MODEL_CONFIG = {"runtime": "torch"}
 # Set by MLflow's scoring server (mlflow/pyfunc/scoring_server) before it serves requests.
 _SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 REFUSED = ("path refused: this server reads paths only under its allowed roots ({}); "
@@ -34,10 +39,11 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
     or image arrays; returns p_defect, is_defect, decision, threshold and error per row."""
 
     def load_context(self, context) -> None:
-        from defect_detection.models.inference import Predictor
+        from defect_detection.models.inference import load_predictor
 
-        self.predictor = Predictor(context.artifacts["bundle"])
         config = getattr(context, "model_config", None) or {}
+        runtime = config.get("runtime") or "torch"
+        self.predictor = load_predictor(context.artifacts["bundle"], runtime=runtime)
         self.allowed_roots = config.get("allowed_roots")
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
@@ -118,5 +124,5 @@ def log_pyfunc(bundle_path: str | Path, name: str = "model"):
     """Log the bundle as a pyfunc model on the active run; returns MLflow's ModelInfo."""
     return mlflow.pyfunc.log_model(
         name=name, python_model=DefectPyfunc(), artifacts={"bundle": str(bundle_path)},
-        pip_requirements=PIP_REQUIREMENTS,
+        pip_requirements=PIP_REQUIREMENTS, model_config=MODEL_CONFIG,
     )
