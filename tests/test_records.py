@@ -47,6 +47,40 @@ def test_small_faint_synthetic_defects_shrink_their_masks_and_keep_the_goods(tmp
         generate_synthetic(tmp_path / "c", ["plate"], defect_scale=0)
 
 
+def test_elongated_synthetic_parts_have_full_size_masks_and_defects_along_the_long_side(tmp_path):
+    import json
+
+    root = generate_synthetic(tmp_path / "strip", ["plate", "disc"], 2, 1, 4, 32, seed=2, width=512,
+                              defect_scale=0.5)
+    for image in sorted(root.rglob("*.png")):
+        assert Image.open(image).size == (512, 32), image  # PIL: (width, height), masks included
+    centres = []
+    for mask_path in sorted(root.rglob("*_mask.png")):
+        ys, xs = np.nonzero(np.asarray(Image.open(mask_path)))
+        assert 0 < len(xs) < 100  # a few pixels, not a stretched square defect
+        centres.append(xs.mean())
+    assert max(centres) - min(centres) > 128  # spread along the strip, not only in its first square
+    assert json.loads((root / ".synthetic.json").read_text())["width"] == 512
+
+
+def test_synthetic_width_defaults_keep_square_data_and_its_marker(tmp_path):
+    import json
+
+    a = generate_synthetic(tmp_path / "a", ["disc", "plate"], 2, 1, 2, 32, seed=3)
+    b = generate_synthetic(tmp_path / "b", ["disc", "plate"], 2, 1, 2, 32, seed=3, width=32)
+    assert "width" not in json.loads((a / ".synthetic.json").read_text())  # earlier markers stay valid
+    assert (a / ".synthetic.json").read_text() == (b / ".synthetic.json").read_text()
+    for path in sorted(a.rglob("*.png")):
+        assert Image.open(path).size == (32, 32)
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(b / path.relative_to(a))))
+
+
+@pytest.mark.parametrize("width", [16, 100.5, "wide", True])
+def test_bad_synthetic_width_names_the_key_and_the_range(tmp_path, width):
+    with pytest.raises(ValueError, match=r"width=.*whole number of pixels >= image_size \(32\)"):
+        generate_synthetic(tmp_path / "c", ["plate"], image_size=32, width=width)
+
+
 def test_synthetic_generated_by_two_processes_at_once_is_complete(tmp_path):
     """Parallel sweep trials on a fresh checkout generate the same root at the same time."""
     import multiprocessing

@@ -21,11 +21,14 @@ DEFECT_TYPES = ("scratch", "spot", "crack")
 _MARKER = ".synthetic.json"
 
 
-def _texture(category: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    noise = rng.normal(0, 6, (size, size)).astype(np.float32)
+def _texture(category: str, size: int, rng: np.random.Generator, width: int | None = None) -> np.ndarray:
+    """A `size` x `width` part (width None: square); coordinates are in units of `size`, so an
+    elongated plate or mesh keeps its pixel periods and an elongated disc part is a row of discs."""
+    width = size if width is None else width
+    yy, xx = np.mgrid[0:size, 0:width].astype(np.float32) / size
+    noise = rng.normal(0, 6, (size, width)).astype(np.float32)
     if category == "disc":
-        r = np.hypot(xx - 0.5 + rng.uniform(-0.03, 0.03), yy - 0.5 + rng.uniform(-0.03, 0.03))
+        r = np.hypot(xx % 1.0 - 0.5 + rng.uniform(-0.03, 0.03), yy - 0.5 + rng.uniform(-0.03, 0.03))
         base = np.where(r < 0.38, 150 + 25 * np.cos(r * 60), 40)
         rgb = np.stack([base * 0.9, base, base * 1.05], -1)
     elif category == "plate":
@@ -40,18 +43,24 @@ def _texture(category: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(rgb + noise[..., None], 0, 255)
 
 
-def _defect_mask(kind: str, size: int, rng: np.random.Generator, scale: float = 1.0) -> Image.Image:
-    mask = Image.new("L", (size, size), 0)
+def _defect_mask(kind: str, size: int, rng: np.random.Generator, scale: float = 1.0,
+                 width: int | None = None) -> Image.Image:
+    """The defect's pixels on a `size` x `width` mask (width None: square); its extent follows
+    `size`, its centre lies in the middle half across and anywhere along an elongated part."""
+    mask = Image.new("L", (size if width is None else width, size), 0)
     draw = ImageDraw.Draw(mask)
     lo, hi = int(size * 0.25), int(size * 0.75)
-    cx, cy = rng.integers(lo, hi, 2)
-    width = max(2, size // 40) if scale == 1.0 else max(1, round(size / 40 * scale))
+    if width is None:
+        cx, cy = rng.integers(lo, hi, 2)
+    else:
+        cx, cy = rng.integers(lo, width - lo), rng.integers(lo, hi)
+    line = max(2, size // 40) if scale == 1.0 else max(1, round(size / 40 * scale))
     size = size * scale  # lengths and radii below
     if kind == "scratch":
         angle = rng.uniform(0, np.pi)
         half = rng.uniform(0.12, 0.22) * size
         dx, dy = np.cos(angle) * half, np.sin(angle) * half
-        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=width)
+        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=line)
     elif kind == "spot":
         r = rng.uniform(0.04, 0.08) * size
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
@@ -63,7 +72,7 @@ def _defect_mask(kind: str, size: int, rng: np.random.Generator, scale: float = 
             step = rng.uniform(0.03, 0.06) * size
             x, y = points[-1]
             points.append((x + np.cos(angle) * step, y + np.sin(angle) * step))
-        draw.line(points, fill=255, width=width)
+        draw.line(points, fill=255, width=line)
     return mask
 
 
@@ -88,11 +97,15 @@ def generate_synthetic(
     seed: int = 0,
     defect_scale: float = 1.0,
     defect_contrast: float = 1.0,
+    width: int | None = None,
 ) -> Path:
     """Write the dataset under root (skipped when an identical one is already there).
 
     `defect_scale` shrinks the defects (length, radius, line width) and `defect_contrast` blends
     them into the part (1: drawn at full colour), for lines whose defects are small and faint.
+    `width` (pixels, at least image_size; None: square) makes elongated parts, image_size high and
+    `width` wide, like line scans: defects keep their image_size-relative extent and lie anywhere
+    along the long side.
 
     Processes that generate the same root at once (parallel sweep trials on a fresh checkout)
     each write their own temporary folder and rename it into place; one that loses the race
@@ -107,6 +120,13 @@ def generate_synthetic(
     if not (0 < defect_scale <= 1 and 0 < defect_contrast <= 1):
         raise ValueError(f"defect_scale={defect_scale}, defect_contrast={defect_contrast}: "
                          "both must be in (0, 1].")
+    if width is not None:
+        if (isinstance(width, bool) or not isinstance(width, (int, float))
+                or not float(width).is_integer() or width < image_size):
+            raise ValueError(f"width={width!r}: must be a whole number of pixels >= image_size "
+                             f"({image_size}), or null for square images.")
+        if int(width) != image_size:  # square data keeps its earlier marker
+            params["width"] = int(width)
     if _generated(root, params):
         return root
     unknown = sorted(set(categories) - set(CATEGORIES))
@@ -136,19 +156,20 @@ def _generated(root: Path, params: dict) -> bool:
 
 def _write(tmp: Path, params: dict) -> None:
     categories, seed, image_size = params["categories"], params["seed"], params["image_size"]
+    width = params.get("width")  # None: square
     n_train_good, n_test_good, n_per_defect = (params["n_train_good"], params["n_test_good"],
                                                params["n_per_defect"])
     for c_index, category in enumerate(categories):
         rng = np.random.default_rng([seed, c_index])
         cat = tmp / category
         for i in range(n_train_good):
-            _save(_texture(category, image_size, rng), cat / "train" / "good" / f"{i:03d}.png")
+            _save(_texture(category, image_size, rng, width), cat / "train" / "good" / f"{i:03d}.png")
         for i in range(n_test_good):
-            _save(_texture(category, image_size, rng), cat / "test" / "good" / f"{i:03d}.png")
+            _save(_texture(category, image_size, rng, width), cat / "test" / "good" / f"{i:03d}.png")
         for kind in DEFECT_TYPES:
             for i in range(n_per_defect):
-                mask = _defect_mask(kind, image_size, rng, params.get("defect_scale", 1.0))
-                image = _apply_defect(_texture(category, image_size, rng), mask, kind,
+                mask = _defect_mask(kind, image_size, rng, params.get("defect_scale", 1.0), width)
+                image = _apply_defect(_texture(category, image_size, rng, width), mask, kind,
                                       params.get("defect_contrast", 1.0))
                 _save(image, cat / "test" / kind / f"{i:03d}.png")
                 mask_path = cat / "ground_truth" / kind / f"{i:03d}_mask.png"
