@@ -1,10 +1,10 @@
 """Post-training int8 quantisation of an exported model, calibrated on validation images only.
 
 NNCF quantises both formats (the OpenVINO IR, and QDQ ONNX for ONNX Runtime). ONNX Runtime's own
-static quantiser was measured first on a trained bottle model (docs/results/runtimes.md): with
-every calibration method (MinMax, Percentile, Entropy), per-tensor or per-channel, QDQ or
-QOperator, it moved p_defect by up to 0.9 and flipped 40-46 of 59 validation decisions, where
-NNCF's moved it by 0.26 and flipped none; the gate in defect-export would refuse the former.
+static quantiser was tried first on a trained bottle model (docs/results/runtimes.md): in the 8
+settings tried (MinMax, Percentile, Entropy calibration; per-tensor and per-channel weights; QDQ
+and QOperator) it moved p_defect by up to 0.9 and flipped 40-46 of 59 validation decisions, where
+NNCF moved it by 0.26 and flipped none; the gate in defect-export would refuse the former.
 """
 
 from __future__ import annotations
