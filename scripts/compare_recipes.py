@@ -144,7 +144,8 @@ def markdown(args: argparse.Namespace, rows: list[dict], command: str, wall_s: f
         lines.append(f"| {r['recipe']} | {r['seed']} | {r['test/auroc']:.4f} | {r['test/recall']:.3f} | "
                      f"{r['test/fp']:.0f} | {r['test/fn']:.0f} | {r['threshold']:.4f} | "
                      f"{r['val/auroc']:.4f} | {r.get('val/margin', float('nan')):.2f} | "
-                     f"{r['epochs']} | {r['seconds']:.0f} | {r['run_id']} |")
+                     f"{r['epochs']} | {r['seconds']:.0f} | {r['run_id']}"
+                     + (f" (auto winner: {r['winner']})" if r.get("winner") else "") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,20 +177,31 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for seed in args.seeds:  # seed-major: a partial table still pairs recipes on the same splits
             for recipe in args.recipes:
+                overrides = run_overrides(args, recipe, seed, out_dir)
                 with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-                    cfg = compose("train", overrides=run_overrides(args, recipe, seed, out_dir))
+                    cfg = compose("train", overrides=overrides)
                 t0 = time.perf_counter()
-                result = train(cfg)
+                if (cfg.get("auto") or {}).get("enabled"):  # experiment=auto: the whole auto run counts
+                    from defect_detection.auto.entry import run_auto_recipe
+
+                    result = run_auto_recipe(cfg, overrides)
+                else:
+                    result = train(cfg)
                 seconds = time.perf_counter() - t0
                 tags = {"mlflow.parentRunId": parent, "comparison": stamp, "recipe": recipe_label(recipe)}
-                for key, value in tags.items():
-                    client.set_tag(result["run_id"], key, value)
+                for key, value in tags.items():  # auto: its parent run nests under the comparison
+                    client.set_tag(result.get("auto_parent_run_id", result["run_id"]), key, value)
+                if "candidates" in result:
+                    rows_extra = {"winner": str(client.get_run(result["run_id"]).info.run_name)}
+                else:
+                    rows_extra = {}
                 history = client.get_metric_history(result["run_id"], "val/auroc")
                 rows.append({"recipe": recipe_label(recipe), "seed": seed, "seconds": seconds,
                              "run_id": result["run_id"],
                              "threshold": result["threshold"],
                              "epochs": len(history) - 1,  # the last val/auroc is the best checkpoint's
-                             **{k: float(v) for k, v in {**result["val"], **result["test"]}.items()}})
+                             **{k: float(v) for k, v in {**result["val"], **result["test"]}.items()},
+                             **rows_extra})
                 logged = client.get_run(result["run_id"]).data.metrics
                 rows[-1].update({key: logged[key] for _, key, _ in MAP_COLUMNS if key in logged})
                 logging.info("%s seed %d: test auroc %.4f recall %.3f fp %d fn %d (%.0f s)", recipe, seed,

@@ -88,6 +88,8 @@ def test_every_family_and_tiles_export_to_onnx_with_parity(tmp_path, overrides):
     assert report["parity"]["max_abs_diff_p_defect"] <= 1e-4
     onnx = load_predictor(tmp_path / "m.onnx")
     assert np.allclose(onnx.p_defect(list(table.path)), table.p_defect.to_numpy(), atol=1e-4)
+    openvino = load_predictor(tmp_path / "m.onnx", runtime="openvino")  # every op in OpenVINO too
+    assert np.allclose(openvino.p_defect(list(table.path)), table.p_defect.to_numpy(), atol=1e-4)
 
 
 def test_patchcore_builds_its_bank_from_the_frozen_eval_mode_backbone(tmp_path, monkeypatch):
