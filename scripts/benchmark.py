@@ -705,39 +705,26 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*limit_val_batches=0.*")
     warnings.filterwarnings("ignore", ".*in eval mode at the start of training.*")  # frozen BN, refits
-    if args.runtimes:
-        try:
-            with tempfile.TemporaryDirectory(prefix="defect-runtimes-") as work:
-                result = run_runtimes(args, Path(work))
-        except UserError as err:
-            raise SystemExit(f"error: {err}") from None
-        result["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-        stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
-        out = args.out or project_root() / "outputs" / "benchmark" / f"runtimes-{stamp}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-        if args.markdown:
-            args.markdown.write_text(runtimes_markdown(result))
-        log.info("saved %s", out)
-        print(runtimes_markdown(result))
-        return
-    if not (args.data_root / args.categories[0]).is_dir():
+    kind, measure = ("runtimes", run_runtimes) if args.runtimes else ("benchmark", run)
+    if not args.runtimes and not (args.data_root / args.categories[0]).is_dir():
         raise SystemExit(f"error: {args.data_root / args.categories[0]} not found. Pass --data-root "
                          "/path/to/mvtec (the folder holding bottle/, cable/, ...).")
     try:
-        with tempfile.TemporaryDirectory(prefix="defect-benchmark-") as work:  # caches, MLflow, ONNX
-            result = run(args, Path(work))
+        with tempfile.TemporaryDirectory(prefix=f"defect-{kind}-") as work:  # caches, MLflow, exports
+            result = measure(args, Path(work))
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
     result["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
-    out = args.out or project_root() / "outputs" / "benchmark" / f"benchmark-{stamp}.json"
+    out = args.out or project_root() / "outputs" / "benchmark" / f"{kind}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.mlflow:
+    if args.mlflow and not args.runtimes:
         result["mlflow_run_id"] = log_to_mlflow(compose_cfg(args, out.parent), result)
     out.write_text(json.dumps(result, indent=1))
     log.info("saved %s", out)
-    print(json.dumps(result, indent=1))
+    if args.runtimes and args.markdown:
+        args.markdown.write_text(runtimes_markdown(result))
+    print(runtimes_markdown(result) if args.runtimes else json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -201,3 +201,18 @@ def test_pyfunc_scores_with_the_runtime_asked_for(bundle, split_images, tmp_path
     np.testing.assert_allclose(ov_out["p_defect"], torch_out["p_defect"], atol=1e-4)
     assert list(ov_out["decision"]) == list(torch_out["decision"])
     assert json.dumps(list(ov_out.columns)) == json.dumps(list(torch_out.columns))
+
+
+def test_the_arithmetic_bound_counts_two_flops_per_multiply_add():
+    from defect_detection.runtime_speed import best_batch, flops_per_input, gemm_peak_gflops, latency_ms
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 8 * 8, 2, bias=False))
+    assert flops_per_input(net, (3, 8, 8)) == 2 * (4 * 3 * 9 * 64 + 256 * 2)
+    assert gemm_peak_gflops(1, size=256, repeats=2) > 0
+    x = torch.randn(6, 3, 8, 8)
+    calls = []
+    lat = latency_ms(lambda b: calls.append(len(b)), x, calls=4, warmup=1)
+    assert set(calls) == {1} and len(calls) == 5 and lat["p99_ms"] >= lat["p50_ms"] >= 0
+    best = best_batch(lambda b: net(b), x, batches=(1, 4), repeats=1)
+    assert best["best_batch"] in (1, 4) and set(best["by_batch"]) == {"1", "4"}
