@@ -286,11 +286,11 @@ def export(source: str, out: str | Path | None = None, images: Sequence[str | Pa
     if quantize not in (None, *QUANTIZE):
         raise UserError(f"quantize={quantize}: use int8, or leave it out for fp32.")
     out = Path(out) if out else _default_out(str(source), fmt, quantize)
+    stage = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    check_destination(out, stage)  # before the model loads and the export's half minute
     if out.suffix != FORMATS[fmt]:
         raise UserError(f"-o {out}: a {fmt} model is written as {FORMATS[fmt]}; name the file "
                         f"{out.with_suffix(FORMATS[fmt]).name} (or choose --format).")
-    stage = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    check_destination(out, stage)  # before the model loads and the export's half minute
     reference = load_predictor(source)
     if not isinstance(reference, Predictor):
         raise UserError(f"{source} is not a PyTorch model: export a bundle, checkpoint or MLflow model.")
