@@ -37,7 +37,6 @@ from defect_detection.models.onnx_predictor import (
     LOGITS_NAME,
     META_KEY,
     P_DEFECT_NAME,
-    OnnxPredictor,
 )
 from defect_detection.tracking.mlflow_run import fluent_tracking_uri
 from defect_detection.tracking.summary import default_store_uri
@@ -243,8 +242,6 @@ def _stage_and_check(reference: Predictor, stage: Path, out: Path, fmt: str, ops
                      calibration: torch.Tensor | None, meta: dict) -> tuple[list[Path], object]:
     """Write the artefact (and, for OpenVINO, its .bin) into `stage`; return its files and a
     predictor reading them."""
-    from defect_detection.models.openvino_predictor import OpenVinoPredictor
-
     fp32 = export_onnx(reference, stage / "fp32.onnx", opset, meta)
     target = stage / out.name
     if fmt == "onnx":
@@ -260,7 +257,7 @@ def _stage_and_check(reference: Predictor, stage: Path, out: Path, fmt: str, ops
             for key, value in {META_KEY: json.dumps(meta), "input": _input_note(meta)}.items():
                 model.metadata_props.add(key=key, value=value)
             onnx.save(model, str(target))
-        return [target], OnnxPredictor(target)
+        return [target], load_predictor(target)
     import openvino as ov
 
     model = ov.Core().read_model(str(fp32))
@@ -270,7 +267,7 @@ def _stage_and_check(reference: Predictor, stage: Path, out: Path, fmt: str, ops
         model = quantize_openvino(model, calibration)
     model.set_rt_info(json.dumps(meta), [META_KEY])
     ov.save_model(model, str(target), compress_to_fp16=False)
-    return [target.with_suffix(".bin"), target], OpenVinoPredictor(target)
+    return [target.with_suffix(".bin"), target], load_predictor(target)
 
 
 def export(source: str, out: str | Path | None = None, images: Sequence[str | Path] = (),
@@ -328,24 +325,21 @@ def export(source: str, out: str | Path | None = None, images: Sequence[str | Pa
     return result
 
 
-def exported_predictor(reference: Predictor, runtime: str, tolerance: float = PARITY_TOLERANCE,
-                       threads: int | None = None) -> BasePredictor:
+def exported_predictor(reference: Predictor, runtime: str,
+                       tolerance: float = PARITY_TOLERANCE) -> BasePredictor:
     """`reference` exported in memory (fp32) and loaded in `runtime` (onnx or openvino), after
     the parity check on noise images; the files are gone once the runtime has read them."""
     import tempfile
 
-    from defect_detection.models.openvino_predictor import OpenVinoPredictor
-
-    fmt = {"onnx": "onnx", "openvino": "openvino"}.get(runtime)
-    if fmt is None:
+    if runtime not in FORMATS:
         raise UserError(f"runtime={runtime}: an exported runtime is onnx or openvino.")
-    meta = {**reference.meta, "runtime_format": fmt, "precision": "fp32"}
+    meta = {**reference.meta, "runtime_format": runtime, "precision": "fp32"}
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(reference, Path(tmp) / "model.onnx", meta=meta)
-        candidate = (OnnxPredictor(path, threads=threads) if fmt == "onnx"
-                     else OpenVinoPredictor(path, threads=threads))
+        candidate = load_predictor(path, runtime=runtime)
         report = parity(reference, candidate, noise_images(reference.geometry.tile_hw))
-    _gate(report, None, tolerance, False, Path(f"<{runtime} in memory>"), fmt, None, reference.threshold)
+    _gate(report, None, tolerance, False, Path(f"<{runtime} in memory>"), runtime, None,
+          reference.threshold)
     candidate.batch_size = reference.batch_size
     return candidate
 

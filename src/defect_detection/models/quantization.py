@@ -16,8 +16,6 @@ import torch
 
 from defect_detection.models.onnx_predictor import INPUT_NAME
 
-log = logging.getLogger(__name__)
-
 
 def _samples(x: torch.Tensor) -> list:
     return [x[i:i + 1].numpy() for i in range(len(x))]
