@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 
-from defect_detection.auto.candidates import candidates
+from defect_detection.auto.candidates import Candidate, candidates
 from defect_detection.auto.entry import run_auto_recipe
 from defect_detection.auto.profile import DataProfile
+from defect_detection.auto.runner import Outcome, auroc_se, rank
 from tests.conftest import compose_train
 
 
@@ -85,8 +87,10 @@ def test_auto_runs_every_candidate_under_one_parent_and_chooses_on_val(tmp_path)
     assert all(r["status"] == "finished" for r in rows)
     winner = [r for r in rows if r["winner"]]
     assert len(winner) == 1 and parent.data.tags["winner_run_id"] == winner[0]["run_id"] == result["run_id"]
-    best = max(rows, key=lambda r: (r["val AUROC"], r["val margin"], -r["minutes"]))
-    assert winner[0]["candidate"] == best["candidate"]
+    # the winner is the first candidate, in the rules' order, tied with the best val AUROC
+    best = max(r["val AUROC"] for r in rows)
+    assert all(r["within noise of best"] for r in rows if r["val AUROC"] >= best - 1e-6)
+    assert winner[0]["candidate"] == next(r for r in rows if r["within noise of best"])["candidate"]
     # test numbers: the winner's alone, once
     assert (
         all(r["test/auroc"] is None for r in rows if not r["winner"]) and winner[0]["test/auroc"] is not None
@@ -104,3 +108,32 @@ def test_auto_skips_what_would_overrun_the_budget_and_says_so(tmp_path):
     assert [r["status"] for r in rows[1:]] == ["skipped", "skipped"]
     assert all("skipped: " in r["note"] and "min used" in r["note"] for r in rows[1:])
     assert parent.data.tags["winner"] == rows[0]["candidate"]
+
+
+def _outcome(label: str, auroc: float, margin: float = 0.0) -> Outcome:
+    return Outcome(Candidate(label, [], "why"), "finished", 1.0, None,
+                   {"val": {"val/auroc": auroc, "val/margin": margin}})
+
+
+def test_a_later_candidate_must_beat_the_rules_first_choice_by_more_than_val_noise():
+    outs = [_outcome("first", 0.84), _outcome("second", 0.87, margin=5.0), _outcome("third", 0.60)]
+    # 9 good / 11 defect val images (AITEX): 0.03 apart is noise (SE ~0.08), 0.27 is not
+    assert [o.candidate.label for o in rank(outs, 9, 11, tie_se=1.0)] == ["first", "second", "third"]
+    assert rank(outs, 9, 11, tie_se=0.0)[0].candidate.label == "second"  # best on val
+    assert rank(outs, 900, 1100, tie_se=1.0)[0].candidate.label == "second"  # a large val split decides
+    # perfect val AUROCs (float32: 0.99999994) tie; the rules' first of them wins, not the margin
+    outs = [_outcome("a", 0.9999999403953552, 3.4), _outcome("b", 1.0, 5.6)]
+    assert rank(outs, 46, 13, tie_se=1.0)[0].candidate.label == "a"
+    assert rank([_outcome("x", float("nan")), _outcome("y", 0.7)], 9, 11, 1.0)[0].candidate.label == "y"
+
+
+def test_auroc_se_matches_the_spread_of_auroc_over_resampled_val_splits():
+    rng = np.random.default_rng(0)
+    n_good, n_defect = 9, 11
+    aurocs = []
+    for _ in range(4000):  # binormal scores, d' = 1.5 (AUROC ~0.86)
+        good, defect = rng.normal(0, 1, n_good), rng.normal(1.5, 1, n_defect)
+        aurocs.append((defect[:, None] > good[None, :]).mean())
+    empirical = float(np.std(aurocs))
+    assert auroc_se(float(np.mean(aurocs)), n_good, n_defect) == pytest.approx(empirical, rel=0.2)
+    assert auroc_se(1.0, 46, 13) == 0.0 and auroc_se(0.9, 0, 10) != auroc_se(0.9, 0, 10)  # nan

@@ -1,6 +1,11 @@
 """Run the auto recipe's candidates under one parent MLflow run, within a wall-clock budget.
 
-Candidates are ranked on validation only (AUROC, then val margin, then time). The parent run's
+Candidates are ranked on validation only. A small val split cannot tell close candidates apart
+(AITEX: 9 good and 11 defect val images, and the best-on-val candidate of four was the worst
+on test more often than not), so the rules' order is the prior: the winner is the first
+candidate, in that order, whose val AUROC is within `auto.tie_se` standard errors of the best
+one (Hanley & McNeil's SE at the best AUROC and the val counts); `auto.tie_se=0` ranks on val
+AUROC, then val margin, then time. The parent run's
 table shows validation numbers for every candidate and the test numbers of the winner alone, so
 nothing is chosen on test. Candidates are ordinary runs nested under the parent (tagged like a
 sweep's trials: `defect-promote sweep=latest` or `run_id=<winner>` promotes the winner).
@@ -55,8 +60,34 @@ def estimate_seconds(c: Candidate, done: Sequence[Outcome]) -> float | None:
     return ref.seconds * c.pixels / max(1, ref.candidate.pixels)
 
 
-def rank(outcomes: Sequence[Outcome]) -> list[Outcome]:
-    """Finished candidates, best first: val AUROC, then val margin, then the faster."""
+def auroc_se(auroc: float, n_good: int, n_defect: int) -> float:
+    """Hanley & McNeil (1982) standard error of an AUROC from n_good x n_defect pairs."""
+    if n_good < 1 or n_defect < 1 or math.isnan(auroc):
+        return float("nan")
+    a = min(max(auroc, 0.0), 1.0)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_defect - 1) * (q1 - a * a) + (n_good - 1) * (q2 - a * a)) / (n_good * n_defect)
+    return math.sqrt(max(var, 0.0))
+
+
+def within_noise(outcomes: Sequence[Outcome], n_val_good: int, n_val_defect: int,
+                 tie_se: float) -> tuple[float, list[Outcome]]:
+    """The allowance below the best val AUROC, and the finished candidates within it (in order)."""
+    finished = [o for o in outcomes if o.status == "finished" and not math.isnan(o.val("val/auroc"))]
+    if not finished or tie_se <= 0:
+        return 0.0, []
+    best = max(o.val("val/auroc") for o in finished)
+    allowance = tie_se * auroc_se(best, n_val_good, n_val_defect)
+    if math.isnan(allowance):
+        return 0.0, []
+    return allowance, [o for o in finished if o.val("val/auroc") >= best - allowance - 1e-6]  # float32 AUROCs
+
+
+def rank(outcomes: Sequence[Outcome], n_val_good: int = 0, n_val_defect: int = 0,
+         tie_se: float = 0.0) -> list[Outcome]:
+    """Finished candidates, best first: those within `tie_se` SE of the best val AUROC in the
+    rules' order, then the rest by val AUROC, then val margin, then the faster."""
+    _, first = within_noise(outcomes, n_val_good, n_val_defect, tie_se)
 
     def key(o: Outcome):
         auroc, margin = o.val("val/auroc"), o.val("val/margin")
@@ -66,10 +97,13 @@ def rank(outcomes: Sequence[Outcome]) -> list[Outcome]:
             o.seconds,
         )
 
-    return sorted([o for o in outcomes if o.status == "finished"], key=key)
+    ids = {id(o) for o in first}
+    rest = sorted([o for o in outcomes if o.status == "finished" and id(o) not in ids], key=key)
+    return [*first, *rest]
 
 
-def table(outcomes: Sequence[Outcome], winner: Outcome | None) -> pd.DataFrame:
+def table(outcomes: Sequence[Outcome], winner: Outcome | None,
+          tied: Sequence[Outcome] = ()) -> pd.DataFrame:
     rows = []
     for k, o in enumerate(outcomes, 1):
         row = {
@@ -78,6 +112,7 @@ def table(outcomes: Sequence[Outcome], winner: Outcome | None) -> pd.DataFrame:
             "status": o.status,
             "val AUROC": o.val("val/auroc"),
             "val margin": o.val("val/margin"),
+            "within noise of best": any(o is t for t in tied),
             "minutes": round(o.seconds / 60, 2),
             "estimate minutes": None if o.estimate_s is None else round(o.estimate_s / 60, 2),
             "winner": o is winner,
@@ -177,9 +212,13 @@ def run_auto(
                 "auto_reason": c.reason,
             }.items():
                 client.set_tag(result["run_id"], key, value)
-        ranked = rank(outcomes)
+        val = profile.counts["val"]
+        tie_se = float(auto.get("tie_se", 0.0))
+        allowance, tied = within_noise(outcomes, val["good"], val["defect"], tie_se)
+        ranked = rank(outcomes, val["good"], val["defect"], tie_se)
         winner = ranked[0] if ranked else None
-        frame = table(outcomes, winner)
+        frame = table(outcomes, winner, tied)
+        client.log_metric(parent, "auto/val_auroc_allowance", allowance)
         client.log_table(parent, frame, "auto/candidates.json")
         client.log_text(parent, markdown_table(frame), "auto/candidates.md")
         client.log_metric(parent, "auto/minutes", (time.perf_counter() - began) / 60)
