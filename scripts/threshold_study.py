@@ -88,14 +88,17 @@ def collect(args: argparse.Namespace) -> None:
                     {"run_id": result["run_id"], "seconds": time.perf_counter() - t0,
                      "test_auroc": float(result["test"].get("test/auroc", float("nan")))}))
                 logging.info("%s seed %d: trained in %.0f s", dataset, seed, time.perf_counter() - t0)
-            if args.cv and not (folder / f"oof{args.cv_folds}_scores.csv").exists():
-                from defect_detection.evaluation.cross_val import out_of_fold_scores
+            fold_test = folder / f"folds{args.cv_folds}_test_scores.csv"
+            if args.cv and not (folder / f"oof{args.cv_folds}_scores.csv").exists() or (
+                    args.cv and not fold_test.exists()):
+                from defect_detection.evaluation.cross_val import fold_scores
 
                 t0 = time.perf_counter()
                 cfg = compose_run(args, dataset, seed, "threshold=cross_val",
                                   f"threshold.folds={args.cv_folds}")
-                oof = out_of_fold_scores(cfg)
+                oof, tests = fold_scores(cfg, score_test=True)
                 oof.to_csv(folder / f"oof{args.cv_folds}_scores.csv", index=False)
+                tests.to_csv(fold_test, index=False)
                 logging.info("%s seed %d: %d-fold scores in %.0f s", dataset, seed, args.cv_folds,
                              time.perf_counter() - t0)
 
@@ -114,6 +117,11 @@ def policies(max_fp_rate: float) -> dict[str, dict]:
         "cross_val normal": {"policy": "cross_val", "estimator": "normal", "scores": "oof", **rate},
         "cross_val exp_tail": {"policy": "cross_val", "estimator": "exp_tail", "scores": "oof", **rate},
         "cross_val max_recall k=0": {"policy": "max_recall_at_fp", "max_fp": 0, "scores": "oof"},
+        # the same thresholds, judged on the k fold models' mean log-odds instead of the final model
+        "cross_val ensemble normal": {"policy": "cross_val", "estimator": "normal", "scores": "oof",
+                                      "judged_on": "ensemble", **rate},
+        "cross_val ensemble max_recall k=0": {"policy": "max_recall_at_fp", "max_fp": 0, "scores": "oof",
+                                              "judged_on": "ensemble"},
     }
 
 
@@ -146,10 +154,16 @@ def evaluate_policies(args: argparse.Namespace) -> pd.DataFrame:
             oof = folder / f"oof{args.cv_folds}_scores.csv"
             if oof.exists():
                 frames["oof"] = pd.read_csv(oof)
+            fold_test = folder / f"folds{args.cv_folds}_test_scores.csv"
+            if fold_test.exists():
+                from defect_detection.evaluation.cross_val import ensemble_scores
+
+                frames["ensemble"] = ensemble_scores(pd.read_csv(fold_test))
             for label, settings in policies(args.max_fp_rate).items():
                 settings = dict(settings)
                 source = settings.pop("scores", "val")
-                if source not in frames:
+                judged_on = settings.pop("judged_on", "test")
+                if source not in frames or judged_on not in frames:
                     continue
                 sel = frames[source]
                 choice = choose_threshold(scores=sel.p_defect.to_numpy(), labels=sel.label.to_numpy(),
@@ -157,7 +171,7 @@ def evaluate_policies(args: argparse.Namespace) -> pd.DataFrame:
                 rows.append({"policy": label, "dataset": dataset, "seed": seed, "threshold": choice.value,
                              "val_fp_bound": choice.fp_rate_upper_bound, "fragile": bool(choice.fragile),
                              "n_sel_good": int((sel.label == 0).sum()),
-                             **judge(choice.value, frames["test"])})
+                             **judge(choice.value, frames[judged_on])})
     return pd.DataFrame(rows)
 
 
@@ -217,7 +231,9 @@ def markdown(args: argparse.Namespace, rows: pd.DataFrame, command: str) -> str:
              f"test good images. Target FP rate for fp_rate_bound / cross_val: {args.max_fp_rate:g}. "
              "val FP bound: the one-sided 95 % Clopper-Pearson upper bound of the FP rate that the "
              "selection split supports at the threshold. fragile: runs where one or two val images "
-             "alone fix the threshold (it moves > 1 log-odds without them).", "",
+             "alone fix the threshold (it moves > 1 log-odds without them). cross_val ensemble: the "
+             "same out-of-fold threshold, judged on the test scores of the k fold models "
+             "ensembled (mean log-odds) instead of the final model's.", "",
              "## Over all data sets and seeds", "",
              f"| policy | runs | recall gap mean | recall gap worst | recall mean | test FP rate mean | "
              f"test FP rate worst | runs over {pct(args.max_fp_rate)} FP |", "|---" * 8 + "|"]
@@ -238,21 +254,58 @@ def markdown(args: argparse.Namespace, rows: pd.DataFrame, command: str) -> str:
               "| policy | data set | runs | test FP rate mean | FP rate worst | recall mean | recall worst | "
               "oracle recall mean | gap mean | gap worst | val FP bound mean | fragile |", "|---" * 12 + "|"]
     for r in per.itertuples():
-        lines.append(f"| {r.policy} | {r.dataset} | {r.runs} | {pct(r.fp_rate_mean)} | {pct(r.fp_rate_worst)} "
-                     f"| {r.recall_mean:.3f} | {r.recall_worst:.3f} | {r.oracle_mean:.3f} | {r.gap_mean:.3f} "
+        lines.append(f"| {r.policy} | {r.dataset} | {r.runs} | {pct(r.fp_rate_mean)} "
+                     f"| {pct(r.fp_rate_worst)} | {r.recall_mean:.3f} | {r.recall_worst:.3f} "
+                     f"| {r.oracle_mean:.3f} | {r.gap_mean:.3f} "
                      f"| {r.gap_worst:.3f} | {pct(r.val_fp_bound_mean)} | {r.fragile} |")
+    lines += ensemble_section(args)
     lines += ["", "## Training runs", "", "| data set | seed | test AUROC | train s | MLflow run |",
               "|---|---|---|---|---|"]
     for dataset, seed, info in runs:
         lines.append(f"| {dataset} | {seed} | {info['test_auroc']:.4f} | {info['seconds']:.0f} | "
                      f"{info['run_id']} |")
-    lines += ["", "## Per run", "", "| policy | data set | seed | threshold | test FP | test goods | recall | "
-              "oracle | gap | val FP bound | fragile |", "|---" * 11 + "|"]
+    lines += ["", "## Per run", "",
+              "| policy | data set | seed | threshold | test FP | test goods | recall | oracle | gap | "
+              "val FP bound | fragile |", "|---" * 11 + "|"]
     for r in rows.itertuples():
         lines.append(f"| {r.policy} | {r.dataset} | {r.seed} | {r.threshold:.4g} | {r.fp} | {r.n_good} | "
                      f"{r.recall:.3f} | {r.oracle:.3f} | {r.gap:.3f} | {pct(r.val_fp_bound)} | "
                      f"{'yes' if r.fragile else ''} |")
     return "\n".join(lines) + "\n"
+
+
+def ensemble_section(args: argparse.Namespace) -> list[str]:
+    """Test AUROC of the final model beside that of the k fold models ensembled, per run."""
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    from defect_detection.evaluation.cross_val import ensemble_scores
+
+    def auroc(f: pd.DataFrame) -> float:
+        return float(binary_auroc(torch.tensor(f.p_defect.to_numpy()), torch.tensor(f.label.to_numpy())))
+
+    rows = []
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            folder = Path(args.work) / dataset / f"seed{seed}"
+            fold_test = folder / f"folds{args.cv_folds}_test_scores.csv"
+            if fold_test.exists() and (folder / "test_scores.csv").exists():
+                folds = pd.read_csv(fold_test)
+                single = [auroc(g) for _, g in folds.groupby("fold")]
+                rows.append((dataset, seed, auroc(pd.read_csv(folder / "test_scores.csv")),
+                             auroc(ensemble_scores(folds)), float(np.mean(single))))
+    if not rows:
+        return []
+    out = ["", f"## Final model vs the {args.cv_folds} fold models ensembled: test AUROC", "",
+           "| data set | seed | final model | fold ensemble | fold models, mean of each |",
+           "|---|---|---|---|---|"]
+    out += [f"| {d} | {s} | {a:.4f} | {e:.4f} | {m:.4f} |" for d, s, a, e, m in rows]
+    frame = pd.DataFrame(rows, columns=["dataset", "seed", "final", "ensemble", "single"])
+    for d, g in frame.groupby("dataset", sort=False):
+        out.append(f"| {d} | mean / worst | {g.final.mean():.4f} / {g.final.min():.4f} | "
+                   f"{g.ensemble.mean():.4f} / {g.ensemble.min():.4f} | "
+                   f"{g.single.mean():.4f} / {g.single.min():.4f} |")
+    return out
 
 
 def report(args: argparse.Namespace) -> None:

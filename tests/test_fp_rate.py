@@ -45,7 +45,8 @@ def test_one_odd_val_good_moves_max_recall_at_fp_but_not_robust_fp_rate_bound():
     clean, labels = _normal_val()
     odd, _ = _normal_val(outlier=0.99)
     k0 = [choose_threshold("max_recall_at_fp", s, labels).value for s in (clean, odd)]
-    robust = [choose_threshold("fp_rate_bound", s, labels, estimator="robust_normal").value for s in (clean, odd)]
+    robust = [choose_threshold("fp_rate_bound", s, labels, estimator="robust_normal").value
+              for s in (clean, odd)]
     assert logit(k0[1]) - logit(k0[0]) > 3  # the single odd good image decides k=0
     assert abs(logit(robust[1]) - logit(robust[0])) < 0.3
 

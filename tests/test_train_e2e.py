@@ -120,3 +120,23 @@ def test_cross_val_chooses_on_out_of_fold_scores_of_every_non_test_image(tmp_pat
     assert result["threshold"] == pytest.approx(expected.value)
     tags = client.get_run(result["run_id"]).data.tags
     assert tags["threshold_policy"] == "cross_val" and "out-of-fold" in tags["threshold_chosen_on"]
+
+
+def test_fold_models_score_every_test_image_once_each_for_the_ensemble(tmp_path):
+    from hydra.utils import instantiate
+
+    from defect_detection.data.validate import screened_records
+    from defect_detection.evaluation.cross_val import ensemble_scores, fold_scores
+    from tests.conftest import compose_train
+
+    cfg = compose_train(tmp_path, "threshold=cross_val", "threshold.folds=2", "explain=none",
+                        "log_model=false", "log_data_summary=false", "trainer.max_epochs=1")
+    oof, tests = fold_scores(cfg, score_test=True)
+    split = instantiate(cfg.split.make)(screened_records(cfg)[0])
+    test_paths = sorted(r.path for r in split.test)
+    assert set(tests.fold) == {0, 1}
+    for _, g in tests.groupby("fold"):
+        assert sorted(g.path) == test_paths
+    assert not set(test_paths) & set(oof.path)
+    ens = ensemble_scores(tests)
+    assert sorted(ens.path) == test_paths and ens.p_defect.between(0, 1).all()

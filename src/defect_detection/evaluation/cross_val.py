@@ -14,6 +14,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -51,6 +52,13 @@ def folds(records: list[ImageRecord], k: int, seed: int) -> list[list[ImageRecor
 
 def out_of_fold_scores(cfg: DictConfig, split: Split | None = None) -> pd.DataFrame:
     """Scores of every train+val image by the fold model that did not train on it (column `fold`)."""
+    return fold_scores(cfg, split)[0]
+
+
+def fold_scores(cfg: DictConfig, split: Split | None = None,
+                score_test: bool = False) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Out-of-fold scores and, with score_test, every fold model's scores of the test split (one
+    row per fold and test image), which an ensemble of the k fold models would average."""
     import pytorch_lightning as pl
 
     from defect_detection.data.validate import screened_records
@@ -63,12 +71,12 @@ def out_of_fold_scores(cfg: DictConfig, split: Split | None = None) -> pd.DataFr
         split = instantiate(cfg.split.make)(records)
     k = int(cfg.threshold.get("folds", 3))
     parts = folds(list(split.train) + list(split.val), k, int(cfg.seed))
-    frames = []
+    frames, tests = [], []
     for i, held_out in enumerate(parts):
         fold_cfg = cfg.copy()
         OmegaConf.update(fold_cfg, "paths.output_dir", str(Path(cfg.paths.output_dir) / "cv" / f"fold{i}"))
         train = [r for j, p in enumerate(parts) if j != i for r in p]
-        fold_split = Split(train=train, val=held_out, test=list(held_out))
+        fold_split = Split(train=train, val=held_out, test=list(split.test if score_test else held_out))
         pl.seed_everything(int(cfg.seed) + 1 + i, workers=True)
         datamodule = build_datamodule(fold_cfg, fold_split)
         module = build_module(fold_cfg, datamodule.class_counts("train"))
@@ -82,5 +90,17 @@ def out_of_fold_scores(cfg: DictConfig, split: Split | None = None) -> pd.DataFr
         trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False,
                          weights_only=True)
         frames.append(score_frame(module.outputs["val"], datamodule.records("val")).assign(fold=i))
+        if score_test:
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False,
+                         weights_only=True)
+            tests.append(score_frame(module.outputs["test"], datamodule.records("test")).assign(fold=i))
         log.info("cross_val: fold %d/%d scored %d held-out images", i + 1, k, len(held_out))
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True), (pd.concat(tests, ignore_index=True) if tests else None)
+
+
+def ensemble_scores(fold_test: pd.DataFrame) -> pd.DataFrame:
+    """The k fold models as one ensemble: the mean of their log-odds per image."""
+    keys = ["path", "category", "defect_type", "label"]
+    out = fold_test.groupby(keys, sort=False, as_index=False).log_odds.mean()
+    out["p_defect"] = 1.0 / (1.0 + np.exp(-out.log_odds))
+    return out[[*keys, "p_defect", "log_odds"]]
