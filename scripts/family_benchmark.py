@@ -32,12 +32,12 @@ COLUMNS = ["recipe", "train images", "inputs/image", "train images/s", "bank bui
 
 
 def measure(overrides: list[str], epochs: int) -> dict:
-    import torch
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     from defect_detection.config import CONFIG_DIR
     from defect_detection.models.families import family
+    from defect_detection.runtime_speed import module_scoring_rates
     from defect_detection.train import build_datamodule, build_module, detector_name
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -60,30 +60,10 @@ def measure(overrides: list[str], epochs: int) -> dict:
     stats = getattr(module, "bank_stats", {}) or {}
     out.update({"bank_build_s": stats.get("bank_build_s"), "bank_mb": stats.get("bank_mb"),
                 "bank_size": stats.get("bank_size")})
-    module.eval()
-    module._start_scoring()
-    has_map = hasattr(module.net, "anomaly_map")
-    timed = {"score": [0.0, 0], "map": [0.0, 0]}
-    inputs = 0
-    with torch.inference_mode():
-        batches = list(dm.test_dataloader())
-        module._score(batches[0].x[:2])
-        for batch in batches:
-            began = time.perf_counter()
-            module.pool(module._score(batch.x).float(), batch.counts)
-            timed["score"][0] += time.perf_counter() - began
-            timed["score"][1] += len(batch.y)
-            inputs += len(batch.x)
-            if has_map:
-                began = time.perf_counter()
-                module.pool(module._score(batch.x).float(), batch.counts)
-                module.net.anomaly_map(batch.x)
-                timed["map"][0] += time.perf_counter() - began
-                timed["map"][1] += len(batch.y)
-    images = timed["score"][1]
-    out.update({"score_images_per_s": images / timed["score"][0],
-                "map_images_per_s": timed["map"][1] / timed["map"][0] if has_map else None,
-                "inputs_per_image": inputs / max(1, images), "cache_mb": dm.input_plan.cache_bytes / 1e6,
+    has_map = hasattr(module.net, "anomaly_map")  # the classifier's map is Grad-CAM (gradcam_timing.py)
+    rates = module_scoring_rates(module, list(dm.test_dataloader()), with_map=has_map)
+    out.update({"score_images_per_s": rates["images_per_s"], "map_images_per_s": rates["map_images_per_s"],
+                "inputs_per_image": rates["inputs_per_image"], "cache_mb": dm.input_plan.cache_bytes / 1e6,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     return out
 

@@ -18,10 +18,10 @@ import resource
 import shlex
 import time
 
-import torch
 from hydra import compose, initialize_config_dir
 
 from defect_detection.config import CONFIG_DIR
+from defect_detection.runtime_speed import module_scoring_rates
 from defect_detection.train import build_datamodule, build_module
 
 
@@ -53,20 +53,9 @@ def measure(overrides: list[str], steps: int) -> dict:
             seconds += time.perf_counter() - began
             images, inputs = images + len(batch.y), inputs + len(batch.x)
     train = {"train_images_per_s": images / seconds, "train_inputs_per_s": inputs / seconds}
-    module.eval()
-    module._start_scoring()
-    e_images = e_inputs = 0
-    e_seconds = 0.0
-    with torch.inference_mode():
-        batches = list(dm.test_dataloader())
-        module._score(batches[0].x[:2])
-        for batch in batches:
-            began = time.perf_counter()
-            module.pool(module._score(batch.x).float(), batch.counts)
-            e_seconds += time.perf_counter() - began
-            e_images, e_inputs = e_images + len(batch.y), e_inputs + len(batch.x)
-    return {**train, "eval_images_per_s": e_images / e_seconds, "eval_inputs_per_s": e_inputs / e_seconds,
-            "inputs_per_image": e_inputs / max(1, e_images), "cache_mb": dm.input_plan.cache_bytes / 1e6,
+    rates = module_scoring_rates(module, list(dm.test_dataloader()))
+    return {**train, "eval_images_per_s": rates["images_per_s"], "eval_inputs_per_s": rates["inputs_per_s"],
+            "inputs_per_image": rates["inputs_per_image"], "cache_mb": dm.input_plan.cache_bytes / 1e6,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -89,3 +89,28 @@ def best_batch(score: Callable[[torch.Tensor], object], x: torch.Tensor, batches
     best = max(runs, key=lambda r: r["inputs_per_s"])
     return {"best_batch": best["batch"], "inputs_per_s": best["inputs_per_s"],
             "by_batch": {str(r["batch"]): r["inputs_per_s"] for r in runs}}
+
+
+def module_scoring_rates(module, batches: Sequence, with_map: bool = False) -> dict[str, float | None]:
+    """Images/s and network inputs/s of a DetectorModule scoring prepared batches (tiling and
+    pooling included), one untimed warm-up first; with_map also times the score and the net's own
+    map (anomaly_map) together. The benchmark scripts share it, so their figures compare."""
+    module.eval()
+    module._start_scoring()
+    seconds = map_seconds = 0.0
+    images = inputs = 0
+    with torch.inference_mode():
+        module._score(batches[0].x[:2])
+        for batch in batches:
+            began = time.perf_counter()
+            module.pool(module._score(batch.x).float(), batch.counts)
+            seconds += time.perf_counter() - began
+            images, inputs = images + len(batch.y), inputs + len(batch.x)
+            if with_map:
+                began = time.perf_counter()
+                module.pool(module._score(batch.x).float(), batch.counts)
+                module.net.anomaly_map(batch.x)
+                map_seconds += time.perf_counter() - began
+    return {"images_per_s": images / seconds, "inputs_per_s": inputs / seconds,
+            "inputs_per_image": inputs / max(1, images),
+            "map_images_per_s": images / map_seconds if with_map else None}
