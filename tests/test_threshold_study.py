@@ -38,9 +38,12 @@ def test_default_rule_takes_the_smallest_worst_gap_among_policies_within_target(
         {"policy": "c", "dataset": "y", "seed": 0, "fp": 0, "n_good": 20, "gap": 0.0},
         {"policy": "d", "dataset": "x", "seed": 0, "fp": 0, "n_good": 20, "gap": 0.0},  # not everywhere
     ])
-    chosen, table = study.default_rule(rows, 0.05)
-    assert chosen == "b"
+    chosen, unconstrained, table = study.default_rule(rows, 0.05)
+    assert chosen == unconstrained == "b"
     assert not table.loc["c", "eligible"] and "d" not in table.index
+    # a measured-only row (no threshold= option delivers it) is reported but never the default
+    chosen, unconstrained, table = study.default_rule(rows, 0.05, not_deployable=("b",))
+    assert chosen == "a" and unconstrained == "b" and not table.loc["b", "eligible"]
 
 
 def test_report_reads_collected_scores_and_writes_the_table(study, tmp_path):
