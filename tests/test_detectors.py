@@ -77,6 +77,16 @@ def test_patchcore_without_good_train_images_says_what_fits(tmp_path, monkeypatc
         train(cfg)
 
 
+def test_good_only_train_split_trains_patchcore_and_the_classifier_says_what_fits(tmp_path):
+    cfg = compose_train(tmp_path, "split.make.max_train_defects=0", "logger=none", "explain=none")
+    with pytest.raises(UserError, match="train split has no defect image.*max_train_defects=0.*detector=patchcore"):
+        train(cfg)
+    cfg = compose_train(tmp_path, "split.make.max_train_defects=0", "detector=patchcore", "logger=none",
+                        "explain=none")
+    result = train(cfg)
+    assert result["test"]["test/auroc"] >= 0.9  # learnt from good parts alone (1.0 on this data)
+
+
 @pytest.mark.parametrize("overrides", [("input=tiles", "input.tile_size=32", "input.overlap=8"),
                                        ("detector=patchcore",), ("detector=segmenter",)],
                          ids=["tiles", "patchcore", "segmenter"])

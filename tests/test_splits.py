@@ -59,3 +59,27 @@ def test_bad_fractions_are_refused():
 def test_empty_split_names_the_split():
     with pytest.raises(UserError, match="val split is empty"):
         stratified_split(_records(n_train_good=2, n_test_good=0, defects=(("x", 2),)), 0.2, 0.2)
+
+
+def test_max_train_defects_keeps_a_seeded_few_and_leaves_val_and_test_as_they_were():
+    records = _records() + _records(n_train_good=50, category="cable")
+    full = stratified_split(records, 0.2, 0.2, seed=3)
+    few = stratified_split(records, 0.2, 0.2, seed=3, max_train_defects=5)
+    for name in ("val", "test"):
+        assert [r.path for r in few[name]] == [r.path for r in full[name]]
+    kept = [r for r in few.train if r.label == DEFECT]
+    assert len(kept) == 5 and {r.path for r in kept} <= {r.path for r in full.train}
+    assert [r.path for r in few.train if r.label == GOOD] == [r.path for r in full.train if r.label == GOOD]
+    again = stratified_split(records, 0.2, 0.2, seed=3, max_train_defects=5)
+    assert [r.path for r in again.train] == [r.path for r in few.train]
+    assert [r.path for r in stratified_split(records, 0.2, 0.2, seed=4, max_train_defects=5).train
+            if r.label == DEFECT] != [r.path for r in kept]
+    good_only = stratified_split(records, 0.2, 0.2, seed=3, max_train_defects=0)
+    assert good_only.train and not any(r.label == DEFECT for r in good_only.train)
+    assert len(stratified_split(records, 0.2, 0.2, seed=3, max_train_defects=10_000).train) == len(full.train)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "3"])
+def test_bad_max_train_defects_names_the_key(bad):
+    with pytest.raises(UserError, match="split.max_train_defects=.*whole number >= 0"):
+        stratified_split(_records(), 0.2, 0.2, max_train_defects=bad)

@@ -76,14 +76,18 @@ def stratum_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[i
 
 def stratified_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
                      test_fraction: float = 0.2, seed: int = 0,
-                     content_hash: Callable[[str], str | None] | None = file_sha256) -> Split:
+                     content_hash: Callable[[str], str | None] | None = file_sha256,
+                     max_train_defects: int | None = None) -> Split:
     """Pool every image and split each (category, label) stratum with the same fractions.
 
     Identical files are a leak when they land in different splits, so each group of files with
     the same `content_hash` is assigned as a unit (to the stratum of its first path); pass
-    content_hash=None to split file by file.
+    content_hash=None to split file by file. `max_train_defects` keeps that many train defect
+    images (a seeded choice; 0: good parts only) and leaves the rest unused, with val and test
+    exactly as without it: how a line with few or no defect photos would fare, on the same test.
     """
     _check_fractions(val_fraction, test_fraction)
+    _check_max_train_defects(max_train_defects)
     strata: dict[tuple[str, int], list[list[ImageRecord]]] = defaultdict(list)
     groups = duplicate_groups(records, content_hash)
     for group in groups:
@@ -106,9 +110,30 @@ def stratified_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
     if n_dup:
         log.warning("%d groups of identical files (same content hash) were each kept in one split; "
                     "see the data audit for their paths.", n_dup)
+    if max_train_defects is not None:
+        out["train"] = _limit_train_defects(out["train"], int(max_train_defects), seed)
     split = Split(**out)
     _check_nonempty(split)
     return split
+
+
+def _check_max_train_defects(value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"split.max_train_defects={value!r}: give a whole number >= 0 (0: train on "
+                        "good parts only) or null to keep every train defect.")
+
+
+def _limit_train_defects(train: list[ImageRecord], keep: int, seed: int) -> list[ImageRecord]:
+    defects = sorted((r for r in train if r.label != 0), key=lambda r: r.path)
+    if keep >= len(defects):
+        return train
+    random.Random(seed).shuffle(defects)
+    dropped = {r.path for r in defects[keep:]}
+    log.info("split.max_train_defects=%d: %d of %d train defect images left unused (val and test "
+             "unchanged).", keep, len(dropped), len(defects))
+    return [r for r in train if r.path not in dropped]
 
 
 def seed_protocol_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
@@ -139,5 +164,3 @@ def _check_nonempty(split: Split) -> None:
             raise UserError(f"The {name} split is empty after splitting "
                             f"({len(split.train)}/{len(split.val)}/{len(split.test)} train/val/test). "
                             "Add images or change split.val_fraction / split.test_fraction.")
-    if not any(r.label == DEFECT for r in split.train):
-        raise UserError("The train split has no defect images; add defects or change the split fractions.")

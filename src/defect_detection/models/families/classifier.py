@@ -5,6 +5,8 @@ from __future__ import annotations
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from defect_detection import UserError
+from defect_detection.data.splits import Split
 from defect_detection.models.backbones import build_network
 from defect_detection.models.families import Family
 from defect_detection.models.freezing import apply_freezing, resolve_trainable
@@ -35,4 +37,14 @@ def build_net(meta: dict):
     return build_network(meta["backbone"], pretrained=False)
 
 
-FAMILY = Family("classifier", build_module, build_net)
+def check_split(cfg: DictConfig, split: Split) -> None:
+    """Image labels need defects to learn from; a good-only train split fits PatchCore."""
+    if not any(r.label != 0 for r in split.train):
+        limited = (cfg.split.get("make") or {}).get("max_train_defects") == 0
+        raise UserError("detector=classifier learns from labelled defects, but the train split has no defect "
+                        "image" + (" (split.make.max_train_defects=0)" if limited else "") + ": use "
+                        "detector=patchcore, which learns from good parts alone, or add defect images "
+                        "(or change the split fractions).")
+
+
+FAMILY = Family("classifier", build_module, build_net, check_split=check_split)
