@@ -105,7 +105,8 @@ def collect(args: argparse.Namespace) -> None:
 
 # What no `threshold=` option delivers with the one-network bundle (measured, not candidates for
 # the default): max_recall k=0 on out-of-fold scores, and the k fold models ensembled.
-NOT_DEPLOYABLE = ("cross_val max_recall k=0", "cross_val ensemble normal", "cross_val ensemble max_recall k=0")
+NOT_DEPLOYABLE = ("cross_val max_recall k=0", "cross_val ensemble normal",
+                  "cross_val ensemble max_recall k=0")
 
 
 def policies(max_fp_rate: float) -> dict[str, dict]:
@@ -196,8 +197,8 @@ def summarise(rows: pd.DataFrame, target: float) -> tuple[pd.DataFrame, pd.DataF
     return per, tot
 
 
-def default_rule(rows: pd.DataFrame, target: float,
-                 not_deployable: tuple[str, ...] = NOT_DEPLOYABLE) -> tuple[str | None, str | None, pd.DataFrame]:
+def default_rule(rows: pd.DataFrame, target: float, not_deployable: tuple[str, ...] = NOT_DEPLOYABLE
+                 ) -> tuple[str | None, str | None, pd.DataFrame]:
     """The README's rule: among `threshold=` options (not `not_deployable`) measured on every
     (data set, seed) whose pooled test FP rate (test FP / test goods over the seeds) is within the
     target on every data set, the smallest worst-case recall gap, then the smallest mean gap.
@@ -259,11 +260,13 @@ def markdown(args: argparse.Namespace, rows: pd.DataFrame, command: str) -> str:
               + ("" if unconstrained in (None, chosen) else
                  f" With the measured rows that no `threshold=` option delivers (one network per bundle) "
                  f"the rule would pick **{unconstrained}**."), "",
-              "| policy | worst per-data-set pooled test FP rate | gap worst | gap mean | a threshold= option | eligible |",
+              "| policy | worst per-data-set pooled test FP rate | gap worst | gap mean | "
+              "a threshold= option | eligible |",
               "|---|---|---|---|---|---|"]
     for policy, r in rule.iterrows():
         lines.append(f"| {policy} | {pct(r['worst pooled FP rate'])} | {r['gap worst']:.3f} | "
-                     f"{r['gap mean']:.3f} | {'yes' if r.option else 'no'} | {'yes' if r.eligible else 'no'} |")
+                     f"{r['gap mean']:.3f} | {'yes' if r.option else 'no'} | "
+                     f"{'yes' if r.eligible else 'no'} |")
     lines += ["", "## Per data set (mean and worst over split seeds)", "",
               "| policy | data set | runs | test FP rate mean | FP rate worst | recall mean | recall worst | "
               "oracle recall mean | gap mean | gap worst | val FP bound mean | fragile |", "|---" * 12 + "|"]

@@ -2,12 +2,12 @@
 
 Candidates are ranked on validation only. A small val split cannot tell close candidates apart
 (AITEX: 9 good and 11 defect val images; the best-on-val candidates' mean test AUROC over 5
-split seeds, 0.699, was below the default recipe's, 0.725), so the rules' order is the prior: the winner is the first
-candidate, in that order, whose val AUROC is within `auto.tie_se` standard errors of the best
-one (Hanley & McNeil's SE at the best AUROC and the val counts); `auto.tie_se=0` ranks on val
-AUROC, then val margin, then time. The parent run's
-table shows validation numbers for every candidate and the test numbers of the winner alone, so
-nothing is chosen on test. Candidates are ordinary runs nested under the parent (tagged like a
+split seeds, 0.699, was below the default recipe's, 0.725), so the rules' order is the prior:
+the winner is the first candidate, in that order, whose val AUROC is within `auto.tie_se`
+standard errors of the best one (Hanley & McNeil's SE at the best AUROC and the val counts);
+`auto.tie_se=0` ranks on val AUROC, then val margin, then time. The parent run's table shows
+validation numbers for every candidate and the test numbers of the winner alone, so nothing is
+chosen on test. Candidates are ordinary runs nested under the parent (tagged like a
 sweep's trials: `defect-promote sweep=latest` or `run_id=<winner>` promotes the winner).
 """
 
