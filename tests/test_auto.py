@@ -8,11 +8,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from defect_detection.auto.candidates import Candidate, candidates
 from defect_detection.auto.entry import run_auto_recipe
 from defect_detection.auto.profile import DataProfile
-from defect_detection.auto.runner import Outcome, auroc_se, rank
+from defect_detection.auto.runner import Outcome, auroc_se, estimate_seconds, rank, work_units
 from tests.conftest import compose_train
 
 
@@ -108,6 +109,23 @@ def test_auto_skips_what_would_overrun_the_budget_and_says_so(tmp_path):
     assert [r["status"] for r in rows[1:]] == ["skipped", "skipped"]
     assert all("skipped: " in r["note"] and "min used" in r["note"] for r in rows[1:])
     assert parent.data.tags["winner"] == rows[0]["candidate"]
+
+
+def test_the_budget_estimate_scales_patchcore_by_its_coreset_work_not_by_pixels():
+    # bottle (900 px, 171 train goods): patchcore-square took 1.27-1.88 min over 5 split seeds and
+    # patchcore-tiles (9 tiles of 224 px) 13.3-15.7 times as long; pixels alone predicted 9 times
+    profile = DataProfile({**_profile().counts, "train": {"good": 171, "defect": 0}}, 0, 900, 900, 1.0, False)
+    square, tiles = candidates(profile, 224, large_factor=3.0)
+    assert (square.label, tiles.label) == ("patchcore-square", "patchcore-tiles")
+    assert tiles.pixels == 9 * square.pixels
+    detector = OmegaConf.load(Path(__file__).parents[1] / "conf/detector/patchcore.yaml")
+    w_sq, w_tiles = (work_units(c, detector, 171) for c in (square, tiles))
+    done = [Outcome(square, "finished", 90.0, work=w_sq)]
+    assert 13.3 * 90 <= estimate_seconds(tiles, w_tiles, done) <= 1.3 * 15.7 * 90
+    # another family has no work units of this one: pixels scale the first finished run
+    classifier = Candidate("classifier-tiles", [], "why", "classifier", "tiles", tiles.pixels)
+    assert estimate_seconds(classifier, work_units(classifier, detector, 171), done) == pytest.approx(9 * 90)
+    assert estimate_seconds(tiles, w_tiles, []) is None
 
 
 def _outcome(label: str, auroc: float, margin: float = 0.0) -> Outcome:

@@ -43,20 +43,38 @@ class Outcome:
     estimate_s: float | None = None
     result: dict = field(default_factory=dict)
     note: str = ""
+    work: float = 0.0  # what the run's time scales with (work_units)
 
     def val(self, key: str) -> float:
         v = self.result.get("val", {}).get(key)
         return float(v) if v is not None else float("nan")
 
 
-def estimate_seconds(c: Candidate, done: Sequence[Outcome]) -> float | None:
-    """A finished candidate of the same family scaled by pixels per image, else the first
-    finished candidate scaled by pixels; None before any finished."""
+def work_units(c: Candidate, detector: DictConfig, n_train_good: int) -> float:
+    """What a candidate's time scales with, comparable within its family.
+
+    Trained families: input pixels per image. PatchCore: bank-patches x bank size, the greedy
+    coreset's cost, which dominates its run (bottle: 61 of 76 s square, 17 of 20 min on tiles,
+    where pixels alone predicted 9x the square run's time and it took 13-16x)."""
+    if c.family != "patchcore":
+        return float(c.pixels)
+    stride = min(int(s) for s in detector.get("strides", [8]))
+    patches = 0.8 * n_train_good * c.pixels / stride**2  # every 5th good input is held out of the bank
+    ratio = float(detector.get("coreset_ratio", 0.1))
+    bank = min(int(detector.get("max_bank", 16384)), math.ceil(ratio * patches))
+    return patches * max(1, bank)
+
+
+def estimate_seconds(c: Candidate, work: float, done: Sequence[Outcome]) -> float | None:
+    """A finished candidate of the same family scaled by work units, else the first finished
+    candidate scaled by pixels per image; None before any finished."""
     finished = [o for o in done if o.status == "finished"]
     if not finished:
         return None
-    same = [o for o in finished if o.candidate.family == c.family] or finished[:1]
-    ref = same[0]
+    same = [o for o in finished if o.candidate.family == c.family and o.work > 0]
+    if same:
+        return same[0].seconds * work / same[0].work
+    ref = finished[0]
     return ref.seconds * c.pixels / max(1, ref.candidate.pixels)
 
 
@@ -177,14 +195,21 @@ def run_auto(
     try:
         for k, c in enumerate(todo, 1):
             used = time.perf_counter() - began
-            estimate = estimate_seconds(c, outcomes)
+            try:
+                c_cfg = compose_one(c.label, [*user_overrides, *c.overrides, "auto.enabled=false"])
+            except Exception as err:  # a candidate that does not compose fails alone
+                log.error("auto: candidate %s failed to compose: %s: %s", c.label, type(err).__name__, err)
+                outcomes.append(Outcome(c, "failed", note=f"{err}"[:300]))
+                continue
+            work = work_units(c, c_cfg.detector, profile.counts["train"]["good"])
+            estimate = estimate_seconds(c, work, outcomes)
             # the likeliest candidate always runs; later ones only while the budget lasts
             if outcomes and (used >= budget_s or (estimate is not None and used + estimate > budget_s)):
                 why = f"skipped: {used / 60:.1f} of {budget_s / 60:g} min used" + (
                     f", estimated {estimate / 60:.1f} min more" if estimate is not None else ""
                 )
                 log.info("auto: candidate %d of %d (%s) %s", k, len(todo), c.label, why)
-                outcomes.append(Outcome(c, "skipped", estimate_s=estimate, note=why))
+                outcomes.append(Outcome(c, "skipped", estimate_s=estimate, note=why, work=work))
                 continue
             log.info(
                 "auto: candidate %d of %d: %s (%.1f min left%s) -- %s",
@@ -197,14 +222,14 @@ def run_auto(
             )
             t0 = time.perf_counter()
             try:
-                result = train_one(
-                    compose_one(c.label, [*user_overrides, *c.overrides, "auto.enabled=false"])
-                )
+                result = train_one(c_cfg)
             except Exception as err:  # one failing candidate must not end the search
                 log.error("auto: candidate %s failed: %s: %s", c.label, type(err).__name__, err)
-                outcomes.append(Outcome(c, "failed", time.perf_counter() - t0, estimate, note=f"{err}"[:300]))
+                outcomes.append(
+                    Outcome(c, "failed", time.perf_counter() - t0, estimate, note=f"{err}"[:300], work=work)
+                )
                 continue
-            outcomes.append(Outcome(c, "finished", time.perf_counter() - t0, estimate, result))
+            outcomes.append(Outcome(c, "finished", time.perf_counter() - t0, estimate, result, work=work))
             for key, value in {
                 "mlflow.parentRunId": parent,
                 "sweep_id": group,
