@@ -49,7 +49,11 @@ def _train_and_reload(root: Path, *overrides: str):
     ("detector=patchcore", "input=tiles", "input.tile_size=32", "input.overlap=0"),
     ("detector=segmenter",),
     ("detector=segmenter", "input=tiles", "input.tile_size=32", "input.overlap=8"),
-], ids=["tiles", "letterbox", "patchcore", "patchcore-tiles", "segmenter", "segmenter-tiles"])
+    # trained in bf16-mixed: val/test still score in fp32, as the logged model does
+    ("trainer.precision=bf16-mixed",),
+    ("detector=patchcore", "trainer.precision=bf16-mixed"),
+], ids=["tiles", "letterbox", "patchcore", "patchcore-tiles", "segmenter", "segmenter-tiles", "bf16",
+        "patchcore-bf16"])
 def test_the_logged_model_decides_test_images_as_evaluation_did(tmp_path, overrides):
     cfg, result, table, predictor = _train_and_reload(tmp_path, *overrides)
     p = predictor.p_defect(list(table.path))

@@ -73,11 +73,16 @@ class DetectorModule(pl.LightningModule):
         return self.net(x)
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for evaluation: the BatchNorm-folded copy when one is in use, else the net."""
+        """Logits for evaluation: the BatchNorm-folded copy when one is in use, else the net.
+
+        Always in fp32, also when the Trainer trains in bf16-mixed: the threshold is chosen on
+        these scores and the bundle, pyfunc and ONNX export score in fp32, so the run's reports
+        and its model decide alike."""
         net = self.__dict__.get("_scoring_net", self.net)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return net(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return net(x.float())
 
     def _start_scoring(self) -> None:
         """Fold BatchNorm into a scoring copy of the current weights (rebuilt every epoch, kept

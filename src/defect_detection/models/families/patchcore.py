@@ -154,8 +154,9 @@ class PatchCoreModule(DetectorModule):
         good = per_input == 0
         self._ignored_defects += int((b.y != 0).sum())
         if good.any():
-            with torch.no_grad():
-                x = b.x[good]
+            # fp32 even under bf16-mixed: test patches are scored in fp32 against this bank
+            with torch.no_grad(), torch.autocast(b.x.device.type, enabled=False):
+                x = b.x[good].float()
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 emb = self.net.embed(x)
