@@ -47,6 +47,23 @@ COLUMNS = [("test AUROC", "test/auroc", min), ("test recall", "test/recall", min
            ("val margin", "val/margin", min)]
 # with --maps: the localisation of each family's own map on the masked test images
 MAP_COLUMNS = [("pixel AUROC", "test/cam_pixel_auroc", min), ("pointing game", "test/cam_pointing_game", min)]
+# test images decided otherwise than by the first recipe on the same split seed (e.g. bf16 vs fp32)
+FLIP_COLUMN = ("test flips vs first recipe", "test/flips", max)
+
+
+def test_decisions(result: dict) -> dict[str, bool] | None:
+    """Path -> rejected, at the run's own threshold (None when the run returned no test scores)."""
+    table = (result.get("scores") or {}).get("test")
+    if table is None:
+        return None
+    return dict(zip(table.path, table.p_defect >= result["threshold"]))
+
+
+def flips(mine: dict[str, bool] | None, first: dict[str, bool] | None) -> float:
+    """How many shared test images the two runs decide differently (NaN when either is unknown)."""
+    if mine is None or first is None:
+        return float("nan")
+    return float(sum(mine[p] != first[p] for p in mine.keys() & first.keys()))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,7 +127,7 @@ def fmt(values: list[float], worst, digits: int) -> tuple[str, str]:
 def markdown(args: argparse.Namespace, rows: list[dict], command: str, wall_s: float) -> str:
     where = {"mvtec": ", ".join(args.categories), "synthetic": "synthetic parts (conf/data/synthetic.yaml)"
              }.get(args.data, Path(args.data_root).name)
-    columns = COLUMNS + [c for c in MAP_COLUMNS if any(c[1] in r for r in rows)]
+    columns = COLUMNS + [c for c in [*MAP_COLUMNS, FLIP_COLUMN] if any(c[1] in r for r in rows)]
     recipes = "; ".join(f"{recipe_label(r)} = {' '.join(recipe_overrides(r)) or 'the defaults'}"
                         for r in args.recipes)
     lines = [f"# Recipe comparison: {', '.join(map(recipe_label, args.recipes))} on {where}", "",
@@ -132,19 +149,21 @@ def markdown(args: argparse.Namespace, rows: list[dict], command: str, wall_s: f
             continue
         cells = []
         for _, key, worst in columns:
-            digits = 0 if key in ("test/fp", "test/fn") else 3
-            cells += fmt([r.get(key, float("nan")) for r in mine], worst, digits if digits else 1)
+            digits = 1 if key in ("test/fp", "test/fn", "test/flips") else 3
+            cells += fmt([r.get(key, float("nan")) for r in mine], worst, digits)
         secs = statistics.fmean(r["seconds"] for r in mine)
         lines.append(f"| {recipe} | " + " | ".join(cells) + f" | {secs:.0f} |")
     lines += ["", "Per seed:", "",
               "| recipe | seed | test AUROC | recall | FP | FN | threshold | val AUROC | val margin | epochs "
-              "| s | MLflow run |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| flips | s | MLflow run |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        flipped = r.get("test/flips", float("nan"))
         lines.append(f"| {r['recipe']} | {r['seed']} | {r['test/auroc']:.4f} | {r['test/recall']:.3f} | "
                      f"{r['test/fp']:.0f} | {r['test/fn']:.0f} | {r['threshold']:.4f} | "
                      f"{r['val/auroc']:.4f} | {r.get('val/margin', float('nan')):.2f} | "
-                     f"{r['epochs']} | {r['seconds']:.0f} | {r['run_id']}"
+                     f"{r['epochs']} | {'-' if flipped != flipped else f'{flipped:.0f}'} | "
+                     f"{r['seconds']:.0f} | {r['run_id']}"
                      + (f" (auto winner: {r['winner']})" if r.get("winner") else "") + " |")
     return "\n".join(lines) + "\n"
 
@@ -174,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                                tags={"command": command, "role": "recipe-comparison"}).info.run_id
 
     rows, start = [], time.perf_counter()
+    first_decisions: dict[int, dict[str, bool] | None] = {}  # split seed -> the first recipe's
     try:
         for seed in args.seeds:  # seed-major: a partial table still pairs recipes on the same splits
             for recipe in args.recipes:
@@ -202,6 +222,11 @@ def main(argv: list[str] | None = None) -> None:
                              "epochs": len(history) - 1,  # the last val/auroc is the best checkpoint's
                              **{k: float(v) for k, v in {**result["val"], **result["test"]}.items()},
                              **rows_extra})
+                decisions = test_decisions(result)
+                if recipe == args.recipes[0]:
+                    first_decisions[seed] = decisions
+                elif seed in first_decisions:
+                    rows[-1]["test/flips"] = flips(decisions, first_decisions[seed])
                 logged = client.get_run(result["run_id"]).data.metrics
                 rows[-1].update({key: logged[key] for _, key, _ in MAP_COLUMNS if key in logged})
                 logging.info("%s seed %d: test auroc %.4f recall %.3f fp %d fn %d (%.0f s)", recipe, seed,

@@ -36,6 +36,24 @@ def test_table_gives_mean_std_and_worst_case_per_recipe():
     assert sum(line.startswith("| default | ") for line in text.splitlines()) == 3  # summary + 2 seeds
 
 
+def test_flips_count_test_images_decided_otherwise_than_by_the_first_recipe():
+    import pandas as pd
+
+    cr = _script()
+    scores = pd.DataFrame({"path": ["a", "b", "c"], "p_defect": [0.9, 0.4, 0.6]})
+    first = cr.test_decisions({"scores": {"test": scores}, "threshold": 0.5})
+    assert first == {"a": True, "b": False, "c": True}
+    other = cr.test_decisions({"scores": {"test": scores}, "threshold": 0.65})
+    assert cr.flips(other, first) == 1.0  # c: rejected at 0.5, passed at 0.65
+    assert cr.flips(None, first) != cr.flips(None, first)  # unknown: NaN, shown as '-'
+    args = cr.parse_args(["--seeds", "0", "--recipes", "default", "bf16:trainer.precision=bf16-mixed"])
+    rows = [_row("default", 0, 1.0, 1.0, 0, 0), {**_row("bf16", 0, 1.0, 1.0, 0, 0), "test/flips": 2.0}]
+    text = cr.markdown(args, rows, "cmd", 1.0)
+    assert "test flips vs first recipe mean ± std" in text
+    assert "| bf16 | 0 | 1.0000 | 1.000 | 0 | 0 | 0.5000 | 1.0000 | 1.50 | 3 | 2 | 10 | r |" in text
+    assert "| default | 0 | 1.0000 | 1.000 | 0 | 0 | 0.5000 | 1.0000 | 1.50 | 3 | - | 10 | r |" in text
+
+
 @pytest.mark.slow
 def test_tiny_comparison_runs_both_recipes_and_logs_them(tmp_path, synthetic_root):
     cr = _script()
