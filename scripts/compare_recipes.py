@@ -119,6 +119,9 @@ def run_overrides(args: argparse.Namespace, recipe: str, seed: int, out_dir: Pat
 
 
 def fmt(values: list[float], worst, digits: int) -> tuple[str, str]:
+    values = [v for v in values if v == v]  # NaN: not measured for that run (e.g. the first recipe's flips)
+    if not values:
+        return "-", "-"
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:.{digits}f} ± {std:.{digits}f}", f"{worst(values):.{digits}f}"
