@@ -32,6 +32,37 @@ def test_nearest_distances_match_cdist_and_the_coreset_covers_the_pool():
     assert covered.max() < torch.cdist(pool, random).amin(1).max()
 
 
+def test_reweighting_scales_the_largest_distance_by_the_banks_density_at_its_neighbour():
+    from defect_detection.models.families.patchcore import nearest, reweighted_scores
+
+    g = torch.Generator().manual_seed(1)
+    bank = torch.randn(40, 8, generator=g)
+    emb = torch.randn(3, 25, 8, generator=g) * 2
+    d, idx = nearest(emb.reshape(-1, 8), bank)
+    d, idx = d.view(3, 25), idx.view(3, 25)
+    got = reweighted_scores(d, idx, emb, bank, neighbours=4)
+    for n in range(3):  # eq. 7 written out: s* (1 - exp(|q - m*|) / sum over N_b(m*) of exp(|q - m|))
+        j = int(d[n].argmax())
+        q, m_star = emb[n, j], bank[idx[n, j]]
+        support = torch.cdist(m_star[None], bank)[0].argsort()[:4]
+        dist = (q[None] - bank[support]).norm(dim=1)
+        assert torch.isclose(got[n], d[n, j] * (1 - dist[0].exp() / dist.exp().sum()), rtol=1e-4)
+    # the same distance counts for more where m* is a rare good look (far from the rest of the bank)
+    dense = torch.cat([torch.zeros(1, 2), torch.full((3, 2), 0.1)])
+    sparse = torch.cat([torch.zeros(1, 2), torch.full((3, 2), 5.0)])
+    q, s_star, m_star = torch.tensor([[[3.0, 0.0]]]), torch.tensor([[3.0]]), torch.tensor([[0]])
+    in_dense, in_sparse = (reweighted_scores(s_star, m_star, q, b, 4) for b in (dense, sparse))
+    assert in_sparse > in_dense and in_sparse <= 3.0
+
+
+def test_a_reweighting_neighbourhood_of_one_is_refused_with_the_range(tmp_path):
+    from defect_detection.models.families.patchcore_family import build_module
+
+    cfg = compose_train(tmp_path, "detector=patchcore", "detector.reweight=1")
+    with pytest.raises(UserError, match="detector.reweight=1: give 0 .* >= 2"):
+        build_module(cfg, (10, 10), {})
+
+
 def _train_and_reload(root: Path, *overrides: str):
     cfg = compose_train(root, "explain.max_images=4", *overrides)
     result = train(cfg)
@@ -93,8 +124,9 @@ def test_good_only_train_split_trains_patchcore_and_the_classifier_says_what_fit
 
 
 @pytest.mark.parametrize("overrides", [("input=tiles", "input.tile_size=32", "input.overlap=8"),
-                                       ("detector=patchcore",), ("detector=segmenter",)],
-                         ids=["tiles", "patchcore", "segmenter"])
+                                       ("detector=patchcore", "detector.reweight=3"),
+                                       ("detector=segmenter",)],
+                         ids=["tiles", "patchcore-reweighted", "segmenter"])
 def test_every_family_and_tiles_export_to_onnx_with_parity(tmp_path, overrides):
     from defect_detection.export import export
 

@@ -37,17 +37,45 @@ log = logging.getLogger(__name__)
 def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Euclidean distance of each query row to its nearest bank row (batched matmul, chunked so
     the distance matrix stays small: ||q||^2 - 2 q.b + ||b||^2)."""
+    return nearest(queries, bank, chunk)[0]
+
+
+def nearest(queries: torch.Tensor, bank: torch.Tensor,
+            chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance, index) of each query row's nearest bank row."""
     bank_sq = (bank * bank).sum(1)
+
+    def one(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d2, idx = ((q * q).sum(1, keepdim=True) - 2.0 * q @ bank.T + bank_sq[None]).min(1)
+        return d2.clamp_min(0).sqrt(), idx
+
     if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
         # an exported graph has a symbolic batch: a Python loop over its size would fix it
-        d2 = (queries * queries).sum(1, keepdim=True) - 2.0 * queries @ bank.T + bank_sq[None]
-        return d2.amin(1).clamp_min(0).sqrt()
-    out = []
-    for start in range(0, len(queries), chunk):
-        q = queries[start:start + chunk]
-        d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ bank.T + bank_sq[None]
-        out.append(d2.amin(1).clamp_min(0).sqrt())
-    return torch.cat(out) if out else queries.new_empty(0)
+        return one(queries)
+    parts = [one(queries[start:start + chunk]) for start in range(0, len(queries), chunk)]
+    if not parts:
+        return queries.new_empty(0), torch.zeros(0, dtype=torch.long, device=queries.device)
+    return torch.cat([d for d, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def reweighted_scores(patch_d: torch.Tensor, patch_idx: torch.Tensor, emb: torch.Tensor,
+                      bank: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """PatchCore's image score with the paper's re-weighting (Roth et al. 2022, eq. 7): the
+    largest patch distance s*, scaled by 1 - softmax over the distances from that patch to its
+    nearest bank feature m* and m*'s `neighbours` - 1 nearest bank neighbours, taken at m*. Where
+    m* is itself far from the rest of the bank (a rare good appearance), the score rises towards
+    s*; where the bank is dense around m*, it falls towards (1 - 1/b) s*.
+
+    patch_d, patch_idx: N x P distances / indices of each patch's nearest bank row;
+    emb: N x P x D patch features. Gathers, not Python indexing, keep the batch axis symbolic
+    in the ONNX export."""
+    s_star, where = patch_d.max(1)
+    q = emb.gather(1, where[:, None, None].expand(-1, 1, emb.shape[2]))[:, 0]  # N x D: the top patch
+    m_star = bank.index_select(0, patch_idx.gather(1, where[:, None])[:, 0])  # N x D
+    k = min(int(neighbours), len(bank))
+    support = torch.cdist(m_star, bank).topk(k, dim=1, largest=False).indices  # N x k, m* first
+    d = (q[:, None] - bank[support]).norm(dim=2)  # N x k
+    return (1.0 - d.softmax(1)[:, 0]) * s_star
 
 
 def greedy_coreset(features: torch.Tensor, n: int, projection_dim: int = 128,
@@ -79,10 +107,12 @@ class PatchCoreNet(nn.Module):
     """Frozen features -> patch embeddings -> nearest-bank distances -> [0, z] logits and maps."""
 
     def __init__(self, backbone: str, strides: Sequence[int] = (8, 16), pretrained: bool = True,
-                 weights_path: str | None = None, neighbourhood: int = 3, bank_size: int = 1) -> None:
+                 weights_path: str | None = None, neighbourhood: int = 3, bank_size: int = 1,
+                 reweight: int = 0) -> None:
         super().__init__()
         self.features = FeatureExtractor(backbone, strides, pretrained, weights_path)
         self.neighbourhood = int(neighbourhood)
+        self.reweight = int(reweight)  # 0: the plain max distance; b > 1: eq. 7 over b bank neighbours
         self.dim = sum(self.features.channels)
         self.register_buffer("bank", torch.zeros(max(1, int(bank_size)), self.dim))
         self.register_buffer("loc", torch.tensor(0.0))
@@ -106,8 +136,18 @@ class PatchCoreNet(nn.Module):
         flat = emb.permute(0, 2, 3, 1).reshape(-1, d)
         return nearest_distances(flat, self.bank.float()).view(-1, h, w)
 
+    def image_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """One raw score per input: the largest patch distance, re-weighted when asked."""
+        if not self.reweight:
+            return self.patch_distances(x).flatten(1).amax(1)
+        emb = self.embed(x)
+        n, d, h, w = emb.shape
+        flat = emb.permute(0, 2, 3, 1).reshape(n, h * w, d)
+        dist, idx = nearest(flat.reshape(-1, d), self.bank.float())
+        return reweighted_scores(dist.view(n, -1), idx.view(n, -1), flat, self.bank.float(), self.reweight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        score = self.patch_distances(x).flatten(1).amax(1)
+        score = self.image_scores(x)
         z = (score - self.loc) / self.scale
         return torch.stack([torch.zeros_like(z), z], 1)
 
@@ -190,9 +230,15 @@ class PatchCoreModule(DetectorModule):
         chosen, _ = greedy_coreset(candidates, n, seed=self.seed)
         bank = candidates[chosen]
         if held.any():
-            d = nearest_distances(pool[~in_bank], bank)
+            held_pool = pool[~in_bank]
+            d, idx = nearest(held_pool, bank)
             sizes = [self._pool_images[i] for i in held.nonzero().flatten().tolist()]
-            scores = torch.stack([s.max() for s in torch.split(d, sizes)])
+            if self.net.reweight:  # the held-out goods' scores as forward computes them
+                scores = torch.cat([reweighted_scores(dd[None], ii[None], ee[None], bank, self.net.reweight)
+                                    for dd, ii, ee in zip(torch.split(d, sizes), torch.split(idx, sizes),
+                                                          torch.split(held_pool, sizes))])
+            else:
+                scores = torch.stack([s.max() for s in torch.split(d, sizes)])
             loc = float(scores.mean())
             spread = float(scores.std()) if len(scores) > 1 else 0.0
             scale = max(spread, 0.05 * loc, 1e-6)
