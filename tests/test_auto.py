@@ -155,3 +155,37 @@ def test_auroc_se_matches_the_spread_of_auroc_over_resampled_val_splits():
     empirical = float(np.std(aurocs))
     assert auroc_se(float(np.mean(aurocs)), n_good, n_defect) == pytest.approx(empirical, rel=0.2)
     assert auroc_se(1.0, 46, 13) == 0.0 and auroc_se(0.9, 0, 10) != auroc_se(0.9, 0, 10)  # nan
+
+
+def test_auto_trains_in_bf16_only_the_classifier_and_only_on_a_cpu_with_native_bfloat16(monkeypatch):
+    from defect_detection import UserError
+    from defect_detection.auto import precision
+
+    cpu = OmegaConf.create({"accelerator": "cpu", "precision": "32-true"})
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: True)
+    assert precision.precision_overrides("auto", cpu, "classifier") == ["trainer.precision=bf16-mixed"]
+    # measured: the segmenter's decisions changed in bf16; PatchCore has nothing to train
+    assert precision.precision_overrides("auto", cpu, "segmenter") == []
+    assert precision.precision_overrides("auto", cpu, "patchcore") == []
+    assert "bf16-mixed training for the classifier" in precision.describe("auto", cpu)
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: False)  # emulated bf16 is slower
+    assert precision.precision_overrides("auto", cpu, "classifier") == []
+    assert "no native bfloat16" in precision.describe("auto", cpu)
+    assert precision.precision_overrides("bf16-mixed", cpu, "segmenter") == ["trainer.precision=bf16-mixed"]
+    gpu = OmegaConf.create({"accelerator": "gpu", "precision": "32-true"})
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: True)
+    assert precision.precision_overrides("auto", gpu, "classifier") == []  # the GPU trainer keeps its own
+    with pytest.raises(UserError, match="auto.precision=bf16: use one of auto, 32-true, bf16-mixed"):
+        precision.describe("bf16", cpu)
+
+
+@pytest.mark.parametrize("typed, trained", [((), "bf16-mixed"), (("trainer.precision=32-true",), "32-true")])
+def test_candidates_train_in_auto_precision_unless_the_user_set_one(tmp_path, monkeypatch, typed, trained):
+    from defect_detection.auto import precision
+
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: True)
+    # the synthetic parts have masks: segmenter first (fp32), then the classifier (bf16 on such a CPU)
+    _, client, parent, rows = _auto(tmp_path, "auto.max_candidates=2", *typed)
+    assert "bf16-mixed training for the classifier" in parent.data.tags["auto_precision"]
+    params = {r["candidate"]: client.get_run(r["run_id"]).data.params["trainer.precision"] for r in rows}
+    assert params == {"segmenter-square": "32-true", "classifier-square": trained}

@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig
 
 from defect_detection.auto.candidates import Candidate, candidates
+from defect_detection.auto.precision import describe, precision_overrides
 from defect_detection.auto.profile import DataProfile, profile_split
 from defect_detection.data.geometry import size_hw
 from defect_detection.data.summary import markdown_table
@@ -174,7 +175,10 @@ def run_auto(
     )
     if auto.get("max_candidates"):
         todo = todo[: int(auto.max_candidates)]
-    log.info("auto: %s -> %d candidates: %s", profile.describe(), len(todo), ", ".join(c.label for c in todo))
+    precision = str(auto.get("precision", "auto"))
+    precision_why = describe(precision, cfg.trainer)
+    log.info("auto: %s -> %d candidates: %s; %s", profile.describe(), len(todo),
+             ", ".join(c.label for c in todo), precision_why)
 
     uri = cfg.logger.tracking_uri
     ensure_local_store(uri)
@@ -187,7 +191,8 @@ def run_auto(
     parent = client.create_run(
         exp_id,
         run_name=cfg.get("run_name") or group,
-        tags={ROLE_TAG: "sweep", "sweep_id": group, "auto": "parent", "data_profile": profile.describe()},
+        tags={ROLE_TAG: "sweep", "sweep_id": group, "auto": "parent", "data_profile": profile.describe(),
+              "auto_precision": precision_why},
     ).info.run_id
     client.log_dict(parent, profile.to_dict(), "auto/profile.json")
     outcomes: list[Outcome] = []
@@ -196,7 +201,8 @@ def run_auto(
         for k, c in enumerate(todo, 1):
             used = time.perf_counter() - began
             try:
-                c_cfg = compose_one(c.label, [*user_overrides, *c.overrides, "auto.enabled=false"])
+                c_cfg = compose_one(c.label, [*precision_overrides(precision, cfg.trainer, c.family),
+                                              *user_overrides, *c.overrides, "auto.enabled=false"])
             except Exception as err:  # a candidate that does not compose fails alone
                 log.error("auto: candidate %s failed to compose: %s: %s", c.label, type(err).__name__, err)
                 outcomes.append(Outcome(c, "failed", note=f"{err}"[:300]))

@@ -26,6 +26,9 @@ class Family:
     augments: bool = True  # whether train images are augmented (a memory bank wants them as seen)
     needs_masks: bool = False  # whether training reads the ground-truth masks
     check_split: Callable | None = None  # (cfg, split) -> None: refuses data the family cannot learn from
+    # bf16-mixed training measured to keep its test decisions (docs/results/bf16_*.md): what
+    # experiment=auto's precision=auto may switch on for it on a CPU with native bfloat16
+    bf16_training: bool = False
 
 
 def family(name: str) -> Family:

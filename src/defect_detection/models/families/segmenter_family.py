@@ -48,4 +48,5 @@ def check_split(cfg: DictConfig, split: Split) -> None:
                         "this data, or add <stem>_mask.png masks (see README, data layout).")
 
 
+# bf16-mixed changed 2 of 225 synthetic test decisions and one seed's AUROC (0.996 -> 0.944): fp32
 FAMILY = Family("segmenter", build_module, build_net, needs_masks=True, check_split=check_split)
