@@ -70,7 +70,7 @@ class OpenVinoPredictor(BasePredictor):
                             "with `defect-export --format openvino`.") from err
         self.meta = read_meta(model, path)
         # OpenVINO runs float layers in bf16 by default on CPUs with AMX / AVX-512 bf16 (p_defect
-        # moved by up to 0.02 on a Sapphire Rapids Xeon): pin f32 so the IR decides as eager
+        # moved by up to 0.02 on a Xeon with AMX): pin f32 so the IR decides as eager
         # PyTorch did. int8 layers of a quantised IR stay int8.
         config = {"PERFORMANCE_HINT": hint.upper(), "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
