@@ -37,7 +37,7 @@ from mlflow import MlflowClient
 
 from defect_detection import project_root
 from defect_detection.config import CONFIG_DIR
-from defect_detection.tracking.mlflow_run import artifact_uri, ensure_local_store, get_or_create_experiment
+from defect_detection.tracking.mlflow_run import ensure_local_store, get_or_create_experiment
 from defect_detection.train import train
 
 EXPERIMENT = "recipe-comparison"
@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     uri = probe.logger.tracking_uri
     ensure_local_store(uri)
     client = MlflowClient(uri)
-    exp_id = get_or_create_experiment(client, args.experiment_name,
-                                      artifact_uri(probe.logger.artifact_location))
+    exp_id = get_or_create_experiment(client, args.experiment_name, probe.logger)
     parent = client.create_run(exp_id, run_name=f"comparison-{stamp}",
                                tags={"command": command, "role": "recipe-comparison"}).info.run_id
 

@@ -108,7 +108,8 @@ def test_patchcore_without_good_train_images_says_what_fits(tmp_path, monkeypatc
 
     monkeypatch.setattr(splits, "Split", no_train_goods)
     cfg = compose_train(tmp_path, "detector=patchcore", "logger=none")
-    with pytest.raises(UserError, match="no good images in the train split.*detector=classifier"):
+    with pytest.raises(UserError, match="needs at least 10 good images in the train split and it has 0.*"
+                                        "detector=classifier"):
         train(cfg)
 
 

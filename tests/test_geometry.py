@@ -90,12 +90,20 @@ def test_bad_working_size_names_data_image_size():
     assert size_hw([128, 2048]) == (128, 2048) and size_hw(96) == (96, 96)
 
 
-def test_a_tile_larger_than_the_scaled_image_names_the_file_and_the_fix(tmp_path):
+def test_an_image_smaller_than_a_tile_is_upscaled_to_fit_and_says_so():
     g = build_geometry({"name": "tiles", "tile_size": 256, "overlap": 32, "scale": 0.5}, 224)
-    expected = r"input\.tile_size=\[256, 256\] is larger than part\.png.*input\.scale"
-    with pytest.raises(UserError, match=expected):
-        g.check_image((300, 4096), "part.png")
-    g.check_image((512, 4096), "ok.png")
+    # 300 px high at scale 0.5 is 150 px: upscaled (aspect kept) until a 256 px tile fits
+    assert g.prepared_hw((300, 4096)) == (256, 3496)
+    assert g.upscale_note((300, 4096), "part.png") == (
+        "part.png: 4096 x 300 px at input.scale=0.5 is smaller than one 256 x 256 tile: upscaled to "
+        "3496 x 256")
+    assert g.prepared_hw((512, 4096)) == (256, 2048) and g.upscale_note((512, 4096)) is None
+    image = Image.fromarray(np.zeros((300, 4096, 3), np.uint8))
+    x = torch.from_numpy(np.array(g.prepare(image))).permute(2, 0, 1)
+    assert tuple(x.shape[1:]) == (256, 3496) and g.cut(x).shape[1:] == (3, 256, 256)  # cuts, no crash
+    # size jitter: a portrait part 3 px shorter than the tile plan still tiles
+    jitter = build_geometry({"name": "tiles", "tile_size": [282, 112], "overlap": 16}, 224)
+    assert jitter.prepared_hw((279, 112)) == (282, 114)
 
 
 def test_schema_rejects_a_tile_below_the_backbone_minimum(cfg_factory):

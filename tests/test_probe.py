@@ -119,16 +119,22 @@ def test_resumed_run_drops_the_stale_error_and_logs_no_step_twice(shared, sigter
     assert not client.list_artifacts(run_id, "error")
     moved = [a.path for a in client.list_artifacts(run_id, "resume/1/error")]
     assert moved == ["resume/1/error/traceback.txt"]
-    # continuing the FINISHED run once more logs its new test report at a step of its own
-    train(_cfg(shared, "sigterm", *[o.replace("max_epochs=2", "max_epochs=3") for o in same],
-               f"resume_run_id={run_id}"))
-    run = client.get_run(run_id)
     for key in sorted(run.data.metrics):
         if key == "epoch":  # Lightning logs `epoch` beside every metric, several at one step
             continue
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert len(steps) == len(set(steps)), (key, steps)  # test/* and val/margin were twice at step 0
-    assert [m.step for m in client.get_metric_history(run_id, "test/ece")] == [1, 2]  # resume 1, 2
+    assert [m.step for m in client.get_metric_history(run_id, "test/ece")] == [1]  # resume 1
+    # issue 33: continuing the FINISHED run never rewrites it: a new run names it as its parent
+    before = client.get_run(run_id)
+    again = train(_cfg(shared, "sigterm", *[o.replace("max_epochs=2", "max_epochs=3") for o in same],
+                       f"resume_run_id={run_id}"))
+    assert again["run_id"] != run_id
+    child = client.get_run(again["run_id"])
+    assert child.data.tags["resumed_from"] == run_id and child.data.tags["mlflow.parentRunId"] == run_id
+    after = client.get_run(run_id)
+    assert after.data.metrics == before.data.metrics and after.data.tags == before.data.tags
+    assert [m.step for m in client.get_metric_history(run_id, "test/ece")] == [1]
 
 
 # -- 2. the resume hint works when pasted; another config is refused --------------------------------
@@ -396,7 +402,7 @@ def test_a_tracking_uri_from_the_environment_moves_the_artifacts_too(tmp_path, m
         == tmp_path.as_uri()
     from defect_detection.tracking.mlflow_run import without_credentials
 
-    assert without_credentials("https://me:secret@mlflow.internal:443/x") == "https://mlflow.internal:443/x"
+    assert without_credentials("https://me:secret@mlflow.internal:443/x") == "https://***@mlflow.internal:443/x"
 
 
 # -- 5 + 6. `make serve` on the project's store; base64 images, path roots, per-row errors ----------

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from defect_detection import UserError, project_root
+from defect_detection.tracking.redact import redact
 
 CONFIG_DIR = str(project_root() / "conf")
 
@@ -28,7 +30,11 @@ def exit_on_user_error(task: F) -> F:
         try:
             return task(*args, **kwargs)
         except UserError as err:
-            raise SystemExit(f"error: {err}") from None
+            raise SystemExit(f"error: {redact(str(err))}") from None
+        except MissingMandatoryValue as err:  # a `???` key the command line did not set
+            key = err.full_key or "a required value"
+            raise SystemExit(f"error: {key} is required: pass {key}=<value> on the command line "
+                             f"(see the comments in the command's config for what it takes).") from None
 
     return wrapper  # type: ignore[return-value]
 

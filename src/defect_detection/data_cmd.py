@@ -22,6 +22,7 @@ from defect_detection.data.audit import AuditWarning
 from defect_detection.data.records import records_from_config
 from defect_detection.data.summary import DataSummary, DecodeOnDemand, write_data_summary
 from defect_detection.data.transforms import build_train_transform
+from defect_detection.schema import validate_data_config
 
 log = logging.getLogger(__name__)
 SHOWN_PATHS = 5
@@ -31,6 +32,7 @@ def data_summary(cfg: DictConfig, console: Console | None = None) -> DataSummary
     """Read the records, split them as train would, write the summary to cfg.out_dir and print it."""
     console = console or Console()
     start = time.perf_counter()
+    validate_data_config(cfg.data)
     records = records_from_config(cfg.data.records)
     split, split_error = None, None
     try:

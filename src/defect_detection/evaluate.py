@@ -14,6 +14,8 @@ tagged with the source run / model URI so it can be traced back.
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -30,8 +32,10 @@ from defect_detection.evaluation.reports import prediction_table, write_report
 from defect_detection.evaluation.thresholds import ThresholdChoice, log_threshold
 from defect_detection.models.inference import Predictor, load_predictor
 from defect_detection.reports.html import log_html_report
+from defect_detection.schema import validate_data_config
 from defect_detection.tracking.mlflow_run import (
     RunTracker,
+    config_yaml,
     ensure_local_store,
     flatten,
     git_commit,
@@ -39,21 +43,104 @@ from defect_detection.tracking.mlflow_run import (
 )
 
 log = logging.getLogger(__name__)
-SUBSETS = ("train", "val", "test", "all")
+SUBSETS = ("train", "val", "test", "new", "all")
+SPLIT_SOURCES = ("auto", "run", "config")
 
 
-def select_records(cfg: DictConfig) -> tuple[list[ImageRecord], bool]:
-    """The records of `cfg.subset` and whether that subset is flagged leaky by its split."""
+@dataclass
+class Selection:
+    """What is scored: the records, where their split came from, and what the report must say."""
+
+    records: list[ImageRecord]
+    leaky: bool = False
+    source: str = "config"  # run:<id> (the model's own data/splits.csv) or config (split=...)
+    warnings: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # images per split of the whole folder
+
+
+def select_records(cfg: DictConfig, run_id: str | None = None, tracking_uri: str | None = None) -> Selection:
+    """The records of `cfg.subset`.
+
+    A model trained by a run is scored on that run's own split (its data/splits.csv) by default:
+    images added to the folder since then form the set `new` and never enter test, and the model's
+    own train/val images are never scored as test. split_source=config re-splits with the split
+    config instead (data the model never saw)."""
     if cfg.subset not in SUBSETS:
         raise UserError(f"subset={cfg.subset!r} is unknown; choose one of {list(SUBSETS)}.")
+    how = str(cfg.get("split_source", "auto"))
+    if how not in SPLIT_SOURCES:
+        raise UserError(f"split_source={how!r}: use auto (the model's run split when it has one), run or "
+                        "config.")
     records = records_from_config(cfg.data.records)
+    if not records:
+        raise UserError(f"No images found in {cfg.data.root}.")
+    logged = _run_split(run_id, tracking_uri) if how != "config" and run_id else None
+    if how == "run" and logged is None:
+        raise UserError(f"split_source=run: the model's training run ({run_id or 'unknown'}) has no "
+                        "data/splits.csv to read; use split_source=config.")
+    by_path = ({os.path.realpath(str(p)): s for p, s in zip(logged["path"], logged["split"])}
+               if logged is not None else {})
+    if by_path and any(os.path.realpath(r.path) in by_path for r in records):
+        return _from_run_split(cfg.subset, records, by_path, run_id)
+    if by_path:
+        log.info("None of these images were in run %s's split: scoring them with split=%s.", run_id,
+                 cfg.split.name)
     if cfg.subset == "all":
-        if not records:
-            raise UserError(f"No images found in {cfg.data.root}.")
-        return list(records), False
+        return Selection(list(records))
+    if cfg.subset == "new":
+        raise UserError("subset=new names the images added since the model's run: it needs a model from a "
+                        "run (runs:/, models:/ or a bundle of a run) scored on that run's data folder.")
     check_records(records, str(cfg.data.root))
     split = instantiate(cfg.split.make)(records)
-    return list(split[cfg.subset]), bool(split.leaky and cfg.subset in ("val", "test"))
+    return Selection(list(split[cfg.subset]), bool(split.leaky and cfg.subset in ("val", "test")))
+
+
+def _run_split(run_id: str | None, tracking_uri: str | None):
+    """The run's data/splits.csv as a DataFrame (None when it has none or the store is unreachable)."""
+    import tempfile
+
+    import pandas as pd
+
+    if not run_id:
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.MlflowClient(tracking_uri).download_artifacts(run_id, "data/splits.csv", tmp)
+            return pd.read_csv(local)
+    except Exception:  # no such artifact, run or store: the config split applies
+        return None
+
+
+def _from_run_split(subset: str, records: list[ImageRecord], by_path: dict[str, str],
+                    run_id: str) -> Selection:
+    found = {os.path.realpath(r.path): r for r in records}
+    split_of = {path: by_path.get(path, "new") for path in found}
+    counts = {name: sum(1 for s in split_of.values() if s == name)
+              for name in ("train", "val", "test", "new")}
+    missing = [p for p, s in by_path.items() if s == subset and p not in found]
+    warnings = []
+    if counts["new"]:
+        warnings.append(f"{counts['new']} image(s) in the folder are not in run {run_id}'s split: they form "
+                        "the set `new` (subset=new) and are not part of test.")
+    if missing:
+        warnings.append(f"{len(missing)} {subset} image(s) of run {run_id} are no longer in the folder "
+                        f"(first: {missing[0]}).")
+    if subset == "all":
+        warnings.append(f"subset=all scores {counts['train']} train and {counts['val']} val image(s) the "
+                        "model was fitted and tuned on: its numbers are optimistic; subset=test is the "
+                        "honest set.")
+        chosen = list(records)
+    else:
+        chosen = [r for r in records if split_of[os.path.realpath(r.path)] == subset]
+        if subset in ("train", "val"):
+            warnings.append(f"subset={subset}: the model was {'fitted' if subset == 'train' else 'tuned'} "
+                            "on these images; the numbers are not a test result.")
+    if not chosen:
+        raise UserError(f"subset={subset}: none of the folder's images are in run {run_id}'s {subset} split "
+                        f"(per split: {counts}).")
+    for text in warnings:
+        log.warning("%s", text)
+    return Selection(chosen, subset in ("train", "val", "all"), f"run:{run_id}", warnings, counts)
 
 
 def source_tags(source: str, tracking_uri: str) -> dict[str, str]:
@@ -124,11 +211,15 @@ def evaluate(cfg: DictConfig) -> dict:
         raise UserError("Name the model to evaluate: model=runs:/<run_id>/model, models:/<name>@champion, "
                         "or a .pt bundle / .ckpt checkpoint path.")
     source = str(cfg.model)
+    validate_data_config(cfg.data)
     tracking_uri = cfg.logger.tracking_uri if cfg.get("logger") else str(cfg.tracking_uri)
     predictor = _load(source, cfg.device, tracking_uri)
-    records, leaky = select_records(cfg)
     override = cfg.get("override_threshold")
     sources = source_tags(source, tracking_uri)
+    if "source_run_id" not in sources and predictor.meta.get("run_id"):  # a bundle or .ckpt of a run
+        sources["source_run_id"] = str(predictor.meta["run_id"])
+    selection = select_records(cfg, sources.get("source_run_id"), tracking_uri)
+    records, leaky = selection.records, selection.leaky
     if cfg.get("threshold") and override is not None:
         raise UserError("Give either threshold=<policy> (re-pick on the run's val scores) or "
                         "override_threshold=<number>, not both.")
@@ -149,12 +240,14 @@ def evaluate(cfg: DictConfig) -> dict:
             log_threshold(tracker, choice, OmegaConf.to_container(cfg.threshold, resolve=True))
             log_rethresholded_model(tracker, predictor, choice)
         tracker.log_params(flatten(cfg))
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracker.log_text(config_yaml(cfg), "config.yaml")
         tracker.set_tags({"task": "evaluate", "git_commit": git_commit(), "dataset": cfg.data.name,
                           "categories": ",".join(cfg.data.categories), "subset": cfg.subset,
                           "split": cfg.split.name if cfg.subset != "all" else "all",
                           "backbone": predictor.meta.get("backbone", ""), "leaky_protocol": leaky,
-                          "threshold_source": choice.chosen_on, **sources})
+                          "threshold_source": choice.chosen_on, "split_source": selection.source,
+                          **({"warning": " ".join(selection.warnings)} if selection.warnings else {}),
+                          **sources})
         p_defect = score(predictor, records)
         table = prediction_table(records, p_defect, threshold, split=str(cfg.subset))
         context = {"model": source, "subset": cfg.subset, "dataset": cfg.data.name,

@@ -24,7 +24,8 @@ def explain(cfg: DictConfig) -> list[Path]:
         import mlflow
 
         mlflow.set_tracking_uri(cfg.tracking_uri)
-    paths = expand_inputs(OmegaConf.to_container(cfg.inputs) if OmegaConf.is_list(cfg.inputs) else cfg.inputs)
+    inputs = OmegaConf.to_container(cfg.inputs) if OmegaConf.is_list(cfg.inputs) else cfg.inputs
+    paths = expand_inputs(inputs, bool(cfg.get("follow_symlinks", False)))
     set_max_image_pixels(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS), key="max_image_pixels")
     predictor = load_predictor(model, device=cfg.device)
     e = cfg.explain

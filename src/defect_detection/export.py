@@ -31,6 +31,7 @@ from torch import nn
 
 from defect_detection import UserError
 from defect_detection.data.records import IMAGE_SUFFIXES
+from defect_detection.destination import check_destination
 from defect_detection.models.inference import BasePredictor, Predictor, bundle_geometry, load_predictor
 from defect_detection.models.onnx_predictor import (
     INPUT_NAME,
@@ -182,22 +183,6 @@ def _default_out(source: str, fmt: str = "onnx", quantize: str | None = None) ->
     return (path.parent if path.is_file() else Path.cwd()) / (name + FORMATS[fmt])
 
 
-def check_destination(out: Path, probe: Path) -> None:
-    """UserError unless `out` can be written: its folder is created, `probe` written and removed."""
-    if out.is_dir():
-        raise UserError(f"-o {out} is a folder: name the .onnx file to write.")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise UserError(f"-o {out}: {blocker} is a file, not a folder; choose another output path.")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"-o {out} cannot be written ({err.strerror or type(err).__name__}: "
-                        f"{err.filename or out.parent}); choose a writable output path.") from None
-
-
 def run_images(source: str, split: str, tracking_uri: str | None = None) -> list[str] | None:
     """The `split` image paths of the training run behind an MLflow model URI (from the scores it
     logged), or None when `source` is a file or the run logged no scores."""
@@ -284,7 +269,8 @@ def export(source: str, out: str | Path | None = None, images: Sequence[str | Pa
         raise UserError(f"quantize={quantize}: use int8, or leave it out for fp32.")
     out = Path(out) if out else _default_out(str(source), fmt, quantize)
     stage = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    check_destination(out, stage)  # before the model loads and the export's half minute
+    # before the model loads and the export's half minute
+    check_destination(out, f"-o {out}", "model file (.onnx, .xml)", stage)
     if out.suffix != FORMATS[fmt]:
         raise UserError(f"-o {out}: a {fmt} model is written as {FORMATS[fmt]}; name the file "
                         f"{out.with_suffix(FORMATS[fmt]).name} (or choose --format).")

@@ -19,7 +19,9 @@ from rich.progress import track
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR, exit_on_user_error
 from defect_detection.data.images import DEFAULT_MAX_PIXELS, set_max_image_pixels
+from defect_detection.destination import check_destination
 from defect_detection.models.inference import Predictor, load_predictor
+from defect_detection.naming import printable
 from defect_detection.tracking.mlflow_run import fluent_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -38,22 +40,25 @@ def score(predictor: Predictor, paths: Sequence[Path], on_error: str = "skip",
         items = [str(p) for p in paths[start:start + chunk]]
         try:
             frames.append(predictor.predict(items).assign(path=items, error=None))
-        except UserError:
+        except Exception:  # one bad image must not cost the chunk: score it image by image
             if on_error == "fail":
                 raise
-            frames.append(pd.concat([_one(predictor, item) for item in items], ignore_index=True))
+            frames.append(pd.concat([_one(predictor, item, on_error) for item in items], ignore_index=True))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*COLUMNS, "error"])
-    columns = COLUMNS + (["error"] if table["error"].notna().any() else [])
-    return table[columns]
+    extra = [c for c in ("note", "error") if c in table.columns and table[c].notna().any()]
+    return table[COLUMNS + extra]
 
 
-def _one(predictor: Predictor, item: str) -> pd.DataFrame:
+def _one(predictor: Predictor, item: str, on_error: str = "skip") -> pd.DataFrame:
     try:
         return predictor.predict([item]).assign(path=[item], error=None)
-    except UserError as err:
-        log.warning("Skipped %s: %s", item, err)
+    except Exception as err:
+        if on_error == "fail":
+            raise
+        reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+        log.warning("Skipped %s: %s", printable(item), reason)
         return pd.DataFrame({"path": [item], "p_defect": [np.nan], "decision": ["error"],
-                             "threshold": [predictor.threshold], "error": [str(err)]})
+                             "threshold": [predictor.threshold], "error": [reason]})
 
 
 def predict(cfg: DictConfig) -> pd.DataFrame:
@@ -62,11 +67,14 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
 
     model = str(cfg.model)
     inputs = OmegaConf.to_container(cfg.images) if OmegaConf.is_list(cfg.images) else cfg.images
-    entries = input_entries(inputs)  # every input as given; refused links keep a row with the reason
+    # every input as given; refused links keep a row with the reason
+    entries = input_entries(inputs, bool(cfg.get("follow_symlinks", False)))
     on_error = cfg.get("on_error", "skip")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise UserError(f"batch_size={cfg.batch_size}: use a whole number of images per batch, >= 1.")
     set_max_image_pixels(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS), key="max_image_pixels")
+    out = Path(cfg.output)
+    check_destination(out, what="CSV file (e.g. output=predictions.csv)")  # before any image is scored
     refused = [(p, why) for p, why in entries if why]
     if refused and on_error == "fail":
         raise UserError(refused[0][1])
@@ -75,8 +83,6 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     predictor.batch_size = int(cfg.batch_size)
     table = _with_refused(score(predictor, [p for p, why in entries if not why], on_error),
                           entries, predictor.threshold)
-    out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     if (table["decision"] == "error").all():
         raise UserError(f"All {len(table)} input(s) failed (reasons in {out}); the first: "
@@ -104,14 +110,14 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
 def _with_refused(table: pd.DataFrame, entries: Sequence[tuple[Path, str | None]],
                   threshold: float) -> pd.DataFrame:
     """The scored table plus an error row per refused input, in the order the inputs were given."""
-    refused = [(str(p), why) for p, why in entries if why]
+    refused = [(printable(p), why) for p, why in entries if why]  # pandas' strings hold UTF-8 only
     if not refused:
         return table
     for path, why in refused:
         log.warning("Skipped %s: %s", path, why)
     rows = pd.DataFrame({"path": [p for p, _ in refused], "p_defect": np.nan, "decision": "error",
                          "threshold": threshold, "error": [why for _, why in refused]})
-    order = {str(p): i for i, (p, _) in enumerate(entries)}
+    order = {printable(p): i for i, (p, _) in enumerate(entries)}
     frames = [f for f in (table, rows) if len(f)]
     merged = pd.concat(frames, ignore_index=True).reindex(columns=[*COLUMNS, "error"])
     return merged.sort_values("path", key=lambda c: c.map(order), kind="stable", ignore_index=True)

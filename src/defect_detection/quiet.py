@@ -67,3 +67,14 @@ def quiet_third_party() -> None:
     logger = logging.getLogger(LIGHTNING_TIP_LOGGER)
     if not any(isinstance(f, DropLitLoggerTip) for f in logger.filters):
         logger.addFilter(DropLitLoggerTip())
+
+
+def mask_credentials_in_mlflow_logs() -> None:
+    """MLflow logs through its own handler (not the root's, where Hydra's RedactFilter sits), e.g.
+    "View run ... at: <tracking URI>/#/...": mask credentials there too. Called once MLflow is
+    imported (tracking/mlflow_run.py), since its handler exists only from then on."""
+    from defect_detection.tracking.redact import RedactFilter
+
+    for handler in logging.getLogger("mlflow").handlers:
+        if not any(isinstance(f, RedactFilter) for f in handler.filters):
+            handler.addFilter(RedactFilter())

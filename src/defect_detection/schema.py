@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Literal
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from defect_detection import UserError
 from defect_detection.data.geometry import size_hw
+from defect_detection.naming import ALLOWED, name_problem
 
 
 class _Loose(BaseModel):
@@ -76,6 +77,25 @@ class DataSchema(_Loose):
     on_bad_image: Literal["error", "skip"] = "error"
     max_image_pixels: int | None = Field(default=None, ge=0)
 
+    @field_validator("categories")
+    @classmethod
+    def _names(cls, values: list[str]) -> list[str]:
+        for value in values:  # a category names its sample grid, gallery folder and metrics
+            if problem := name_problem(value):
+                raise ValueError(f"{value!r} cannot be a category: it becomes part of file names and "
+                                 f"{problem}; use {ALLOWED}")
+        return values
+
+
+class AutoSchema(_Loose):
+    enabled: bool = False
+    budget_minutes: float = Field(default=20, gt=0)
+    elongated_aspect: float = Field(default=2.0, ge=1)
+    large_factor: float = Field(default=3.0, gt=0)
+    min_train_defects: int = Field(default=10, ge=0)
+    tie_se: float = Field(default=1.0, ge=0)
+    max_candidates: int | None = Field(default=None, ge=1)
+
 
 class BackboneSchema(_Loose):
     name: str
@@ -133,6 +153,7 @@ class TrainSchema(_Loose):
     optimizer: OptimizerSchema
     trainer: TrainerSchema
     input: InputSchema = InputSchema()
+    auto: AutoSchema = AutoSchema()
 
     @model_validator(mode="after")
     def _image_fits_backbone(self):
@@ -149,22 +170,59 @@ class TrainSchema(_Loose):
         return self
 
 
-def _describe(error: dict, values: dict) -> str:
-    key = ".".join(str(p) for p in error["loc"])
-    value = values
+def _walk(error: dict, values: dict) -> tuple[list, object, int | None]:
+    """(the error's path through the values, the value there, where a union's branch name was
+    dropped): pydantic puts the branch (`int`, `list[int]`) into `loc` for union fields."""
+    path, value, branch = [], values, None
     for part in error["loc"]:
-        value = value.get(part) if isinstance(value, dict) else None
-    message = error["msg"].removeprefix("Value error, ")
-    if not key:
-        return message
-    return f"{key}={value!r}: {message}"
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        else:
+            branch = len(path) if branch is None else branch
+            continue
+        path.append(part)
+    return path, value, branch
+
+
+def _describe_all(errors: list[dict], values: dict) -> list[str]:
+    """One line per invalid value: `key=value: why`; a union field's branches are folded into one
+    line (`data.image_size='abc': ...valid integer; or ...valid list`), deepest path first."""
+    walked = [(_walk(e, values), e["msg"].removeprefix("Value error, ")) for e in errors]
+    by_field: dict[tuple, list] = {}
+    for (path, value, branch), message in walked:
+        field = tuple(path[:branch]) if branch is not None else tuple(path)
+        by_field.setdefault(field, []).append((path, value, message))
+    lines = []
+    for items in by_field.values():
+        deepest = max(len(p) for p, _, _ in items)
+        kept = [(p, v, m) for p, v, m in items if len(p) == deepest]
+        path, value = kept[0][0], kept[0][1]
+        messages = list(dict.fromkeys(m for p, _, m in kept if p == path))
+        key = ".".join(str(p) for p in path)
+        text = "; or ".join(messages)
+        if not key:
+            lines.append(text)
+        else:  # a section's own rule (split.make's fractions) names the section, not its dict
+            lines.append(f"{key}: {text}" if isinstance(value, dict) else f"{key}={value!r}: {text}")
+    return lines
+
+
+def _validate(schema: type[BaseModel], values: dict, prefix: tuple = ()) -> None:
+    try:
+        schema.model_validate(values)
+    except ValidationError as err:
+        errors = [{**e, "loc": (*prefix, *e["loc"])} for e in err.errors()]
+        lines = _describe_all(errors, {prefix[0]: values} if prefix else values)
+        raise UserError("Invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 
 def validate_train_config(cfg: DictConfig) -> None:
     """Raise one UserError listing every invalid value of a composed train config."""
-    values = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        TrainSchema.model_validate(values)
-    except ValidationError as err:
-        lines = [_describe(e, values) for e in err.errors()]
-        raise UserError("Invalid configuration:\n  " + "\n  ".join(lines)) from None
+    _validate(TrainSchema, OmegaConf.to_container(cfg, resolve=True))
+
+
+def validate_data_config(data: DictConfig) -> None:
+    """The data group alone (defect-data, defect-eval): the same rules as training."""
+    _validate(DataSchema, OmegaConf.to_container(data, resolve=True), ("data",))

@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from defect_detection.config import CONFIG_DIR, exit_on_user_error
 from defect_detection.data.datamodule import DefectDataModule
+from defect_detection.data.fingerprint import ARTIFACT as FINGERPRINT
+from defect_detection.data.fingerprint import fingerprint
 from defect_detection.data.geometry import build_geometry
 from defect_detection.data.input_plan import plan_input
 from defect_detection.data.summary import log_data_summary
@@ -26,7 +28,12 @@ from defect_detection.evaluation.reports import log_test_report
 from defect_detection.evaluation.scores import log_scores, score_frame
 from defect_detection.evaluation.thresholds import check_selection_split, choose_threshold, log_threshold
 from defect_detection.explain.report import check_gradcam_config, log_gradcam
-from defect_detection.models.checkpointing import AtomicCheckpointIO, RngStateCallback
+from defect_detection.models.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointOwner,
+    RngStateCallback,
+    stamp_run_checkpoints,
+)
 from defect_detection.models.families import family
 from defect_detection.models.inference import save_bundle
 from defect_detection.models.module import DetectorModule
@@ -34,6 +41,7 @@ from defect_detection.reports.html import log_html_report
 from defect_detection.schema import validate_train_config
 from defect_detection.tracking.mlflow_run import (
     RunTracker,
+    config_yaml,
     ensure_local_store,
     flatten,
     fluent_tracking_uri,
@@ -44,12 +52,16 @@ from defect_detection.tracking.mlflow_run import (
 )
 from defect_detection.tracking.pyfunc import log_pyfunc
 from defect_detection.tracking.resume import (
+    check_same_data,
+    checkpoint_folder,
     continue_run,
     note_stopped,
     prepare_resume,
     tag_checkpoint_dir,
     tag_overrides,
+    tag_resumed_from,
 )
+from defect_detection.tracking.run_lock import RunLock, refuse_if_live
 from defect_detection.tracking.summary import log_run_summary
 from defect_detection.tracking.sweeps import in_multirun, record_failed_trial, sweep_tags, trial_run_name
 
@@ -66,10 +78,11 @@ def build_input(cfg: DictConfig):
 
 def build_datamodule(cfg: DictConfig, split=None) -> DefectDataModule:
     """The run's data; `split` replaces the configured split (cross-validation folds)."""
-    bad = []
+    bad, prints = [], None
     if split is None:
         # every file checked before the split: error lists all bad files, skip drops them (data/validate.py)
         records, bad = screened_records(cfg)
+        prints = fingerprint(records)  # what a resume compares against (data/fingerprint.json)
         split = instantiate(cfg.split.make)(records)
     if check := family(detector_name(cfg)).check_split:  # data the family cannot learn from: say so now
         check(cfg, split)
@@ -88,6 +101,7 @@ def build_datamodule(cfg: DictConfig, split=None) -> DefectDataModule:
         load_masks=plan.load_masks, sizes=plan.sizes)
     datamodule.bad_images = bad
     datamodule.input_plan = plan
+    datamodule.fingerprint = prints
     return datamodule
 
 
@@ -124,6 +138,10 @@ def build_logger(cfg: DictConfig, run_id: str | None = None):
         name = trial_run_name(cfg)
         extra["tags"] = {**(cfg.logger.get("tags") or {}), **tags,
                          **({"mlflow.runName": name} if name else {})}
+    elif (auto := cfg.get("auto") or {}).get("parent_run_id"):  # an auto candidate, linked from its start
+        extra["tags"] = {**(cfg.logger.get("tags") or {}), "mlflow.parentRunId": auto.parent_run_id,
+                         "sweep_id": auto.sweep_id, "auto": "candidate", "auto_candidate": auto.candidate,
+                         **({"mlflow.runName": cfg.run_name} if cfg.get("run_name") else {})}
     if not run_id and "tags" not in extra and not cfg.logger.get("run_name"):
         extra["run_name"] = fresh_run_name()  # MLflow would draw it from the just-seeded `random`
     return instantiate(cfg.logger, artifact_location=store_artifact_location(cfg.logger), **extra)
@@ -135,27 +153,39 @@ def train(cfg: DictConfig) -> dict:
     resume = prepare_resume(cfg)  # ckpt_path / resume_run_id -> checkpoint + MLflow run, checked now
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
+    if resume.source_run_id and datamodule.fingerprint is not None:
+        check_same_data(cfg, resume, datamodule.fingerprint)  # images added/removed/changed: refused
     split = datamodule.split
     check_selection_split(cfg.threshold.policy, split.val, cfg.split)  # both classes on val, up front
     module = build_module(cfg, datamodule.class_counts("train"))
     check_gradcam_config(cfg, module.net)  # a bad backbone.gradcam_layer fails now, not after training
     logger = build_logger(cfg, run_id=resume.run_id)
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c] + [RngStateCallback()]
+    owner = CheckpointOwner()  # stamps each checkpoint with the run that wrote it
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c] + [RngStateCallback(), owner]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
                                       plugins=[AtomicCheckpointIO()],
                                       **family(detector_name(cfg)).trainer)
     # after the Trainer: only then is this process's DDP rank known (other nodes' first process
     # looks like rank 0 before). Rank 0 alone logs params, artifacts and the model.
     check_launch(trainer)  # DDP processes must come from the CLI, torchrun or SLURM
+    folder = checkpoint_folder(trainer) if trainer.is_global_zero else None
+    refuse_if_live(folder, resume.run_id, "Cannot start")  # another live run writes this folder
     tracker = RunTracker.from_lightning_logger(logger) if trainer.is_global_zero else RunTracker()
+    owner.run_id = tracker.run_id
+    lock = RunLock(folder)
+    trainer.callbacks.append(lock)  # its heartbeat while training
     try:
+        lock.acquire(tracker.run_id)
         if resume.run_id:  # a continued run keeps its params; what changed is tagged
             continue_run(tracker, cfg, resume)
         else:
             _log_setup(tracker, cfg, split)
             tag_overrides(tracker)  # what the resume hint repeats
+            tag_resumed_from(tracker, resume)  # a FINISHED run continued as this new one
             if tracker.enabled:
                 tracker.log_params(datamodule.input_plan.log_params())
+                if datamodule.fingerprint is not None:
+                    tracker.log_dict(datamodule.fingerprint, FINGERPRINT)
         tag_checkpoint_dir(tracker, trainer)
         tracker.tag_store()  # which tracking store and artifact location hold this run
         if datamodule.bad_images:
@@ -172,6 +202,8 @@ def train(cfg: DictConfig) -> dict:
         tracker.log_metrics({"val/margin": val_metrics["val/margin"]})
         choice, oof = _choose(cfg, module, datamodule)
         module.set_threshold(choice.value)
+        if trainer.is_global_zero:  # predict from a .ckpt of this run decides as its report does
+            stamp_run_checkpoints(folder, tracker.run_id, choice, float(module.temperature))
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         scores = {s: score_frame(module.outputs[s], datamodule.records(s), float(module.temperature))
                   for s in ("val", "test")}
@@ -189,6 +221,8 @@ def train(cfg: DictConfig) -> dict:
         if stop_signal(err) == "SIGTERM":  # Lightning's SIGTERMException would exit 0: 128 + 15
             raise SystemExit(143) from err
         raise
+    finally:
+        lock.release()
     log.info("val/auroc %.4f | test: auroc %.4f recall %.4f fp %d at threshold %.4f (%s on val)",
              val_metrics.get("val/auroc", float("nan")), test_metrics.get("test/auroc", float("nan")),
              test_metrics.get("test/recall", float("nan")), test_metrics.get("test/fp", -1),
@@ -218,7 +252,7 @@ def _log_setup(tracker: RunTracker, cfg: DictConfig, split) -> None:
     if not tracker.enabled:
         return
     tracker.log_params(flatten(cfg))
-    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    tracker.log_text(config_yaml(cfg), "config.yaml")
     counts = {f"{s}": len(split[s]) for s in ("train", "val", "test")}
     tracker.set_tags({
         "git_commit": git_commit(), "dataset": cfg.data.name, "categories": ",".join(cfg.data.categories),
@@ -247,8 +281,9 @@ def _log_results(tracker: RunTracker, cfg: DictConfig, module: DetectorModule, c
                                  image_size=module.meta["image_size"], mean=cfg.backbone.mean,
                                  std=cfg.backbone.std, threshold=choice.value,
                                  threshold_policy=choice.policy, temperature=float(module.temperature),
-                                 extra={k: v for k, v in module.meta.items()
-                                        if k not in ("backbone", "image_size")})
+                                 extra={**{k: v for k, v in module.meta.items()
+                                           if k not in ("backbone", "image_size")},
+                                        "run_id": tracker.run_id})
             with fluent_tracking_uri(tracker.tracking_uri), mlflow.start_run(run_id=tracker.run_id):
                 log_pyfunc(bundle)
     log_gradcam(tracker, cfg, module, datamodule, stage="test")

@@ -24,8 +24,10 @@ def compose_train(overrides: Sequence[str]) -> DictConfig:
 def run_auto_recipe(cfg: DictConfig, user_overrides: Sequence[str]) -> dict:
     """`user_overrides`: what the user typed (Hydra's task overrides); each candidate adds its own
     and writes under <output_dir>/<candidate>."""
+    from defect_detection.schema import validate_train_config
     from defect_detection.train import train
 
+    validate_train_config(cfg)  # e.g. auto.budget_minutes <= 0, before any candidate
     out = Path(cfg.paths.output_dir)
     base = [o for o in user_overrides if not o.startswith("paths.output_dir=")]
 

@@ -13,17 +13,21 @@ sweep's trials: `defect-promote sweep=latest` or `run_id=<winner>` promotes the 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 import pandas as pd
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
+from defect_detection import UserError
 from defect_detection.auto.candidates import Candidate, candidates
 from defect_detection.auto.precision import describe, precision_overrides
 from defect_detection.auto.profile import DataProfile, profile_split
@@ -31,7 +35,7 @@ from defect_detection.data.geometry import size_hw
 from defect_detection.data.summary import markdown_table
 from defect_detection.data.validate import screened_records
 from defect_detection.tracking.comparison import ROLE_TAG
-from defect_detection.tracking.mlflow_run import artifact_uri, ensure_local_store, get_or_create_experiment
+from defect_detection.tracking.mlflow_run import ensure_local_store, get_or_create_experiment, stop_signal
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,75 @@ def table(outcomes: Sequence[Outcome], winner: Outcome | None,
     return pd.DataFrame(rows)
 
 
+def _result_of(run) -> dict:
+    """A finished candidate's result as train() returns it, read back from its MLflow run."""
+    metrics = run.data.metrics
+    return {"val": {k: v for k, v in metrics.items() if k.startswith("val/")},
+            "test": {k: v for k, v in metrics.items() if k.startswith("test/")},
+            "threshold": metrics.get("test/threshold"), "run_id": run.info.run_id}
+
+
+OUTCOME_TAG = "auto.outcome.{}"  # on the parent, per candidate (its order): JSON of how it ended
+
+
+def _record(client: MlflowClient, parent: str, k: int, o: Outcome) -> None:
+    """What the parent keeps of a candidate once it has ended: what a resume skips."""
+    client.set_tag(parent, OUTCOME_TAG.format(k), json.dumps({
+        "label": o.candidate.label, "status": o.status, "seconds": o.seconds, "estimate_s": o.estimate_s,
+        "note": o.note, "work": o.work, "run_id": o.result.get("run_id", "")}))
+
+
+def _recorded(client: MlflowClient, parent, todo: Sequence[Candidate]) -> dict[int, Outcome]:
+    """The outcomes a stopped auto run recorded, rebuilt (finished ones with their runs' metrics)."""
+    out = {}
+    for k, c in enumerate(todo, 1):
+        text = parent.data.tags.get(OUTCOME_TAG.format(k))
+        if not text:
+            continue
+        saved = json.loads(text)
+        if saved["label"] != c.label:
+            raise UserError(f"Auto run {parent.info.run_id} planned other candidates ({saved['label']} where "
+                            f"the data now give {c.label}): the data or the overrides changed since it "
+                            "started. Start a new auto run.")
+        result = _result_of(client.get_run(saved["run_id"])) if saved["status"] == "finished" else {}
+        out[k] = Outcome(c, saved["status"], saved["seconds"], saved["estimate_s"], result, saved["note"],
+                         saved["work"])
+    return out
+
+
+def _interrupted_run(client: MlflowClient, experiment_id: str, parent: str, label: str) -> str | None:
+    """The newest run of candidate `label` under `parent` that stopped unfinished with a last.ckpt
+    to continue from (None: the candidate starts afresh)."""
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' AND "
+                              f"tags.auto_candidate = '{label}' AND attributes.status != 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    folder = runs[0].data.tags.get("checkpoint_dir") if runs else None
+    return runs[0].info.run_id if folder and (Path(folder) / "last.ckpt").is_file() else None
+
+
+def auto_parent_of(client: MlflowClient, run_id: str) -> str:
+    """The auto parent run that `run_id` is, or belongs to (a pasted candidate's resume hint)."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise UserError(f"resume_run_id={run_id}: no such run in this tracking store.") from None
+    tags = run.data.tags
+    if tags.get("auto") == "parent":
+        return run_id
+    if tags.get("mlflow.parentRunId") and tags.get("auto_candidate"):
+        return tags["mlflow.parentRunId"]
+    raise UserError(f"resume_run_id={run_id} is not an auto run: continue it without experiment=auto, "
+                    "with its own overrides (its tag resume_with).")
+
+
+def resume_hint(user_overrides: Sequence[str], parent: str) -> str:
+    keep = [o for o in user_overrides if o.split("=", 1)[0].lstrip("+~") not in RESUME_KEYS]
+    return " ".join(["defect-train", *map(shlex.quote, keep), f"resume_run_id={parent}"])
+
+
+RESUME_KEYS = ("ckpt_path", "resume_run_id")
+
+
 def run_auto(
     cfg: DictConfig,
     user_overrides: Sequence[str],
@@ -157,7 +230,11 @@ def run_auto(
     """Profile the data, run the candidates within `auto.budget_minutes`, return the winner's result.
 
     `compose_one(label, overrides)` composes a candidate's config (its run named `label`),
-    `train_one(cfg)` trains it (the real train); both injected so the entry point stays thin."""
+    `train_one(cfg)` trains it (the real train); both injected so the entry point stays thin.
+    Each candidate is linked to the parent run from its start, and the parent records every
+    candidate's outcome as it ends, so a stopped auto run (KILLED, candidates.md as far as it got)
+    resumes as a whole with `resume_run_id=<parent>`: finished candidates are kept, the interrupted
+    one continues from its last.ckpt, the rest run."""
     from hydra.utils import instantiate
 
     auto = cfg.auto
@@ -183,29 +260,54 @@ def run_auto(
     uri = cfg.logger.tracking_uri
     ensure_local_store(uri)
     client = MlflowClient(uri)
-    exp_id = get_or_create_experiment(
-        client, cfg.experiment_name, artifact_uri(cfg.logger.get("artifact_location"))
-    )
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    group = f"auto-{stamp}"
-    parent = client.create_run(
-        exp_id,
-        run_name=cfg.get("run_name") or group,
-        tags={ROLE_TAG: "sweep", "sweep_id": group, "auto": "parent", "data_profile": profile.describe(),
-              "auto_precision": precision_why},
-    ).info.run_id
-    client.log_dict(parent, profile.to_dict(), "auto/profile.json")
+    exp_id = get_or_create_experiment(client, cfg.experiment_name, cfg.logger)
+    base = [o for o in user_overrides if o.split("=", 1)[0].lstrip("+~") not in RESUME_KEYS]
+    done: dict[int, Outcome] = {}
+    if cfg.get("resume_run_id"):
+        parent = auto_parent_of(client, str(cfg.resume_run_id))
+        run = client.get_run(parent)
+        if run.info.status == "FINISHED":
+            raise UserError(f"Auto run {parent} already FINISHED (winner: {run.data.tags.get('winner')}, run "
+                            f"{run.data.tags.get('winner_run_id')}): nothing to resume.")
+        done = _recorded(client, run, todo)
+        group = run.data.tags.get("sweep_id", parent)
+        began -= 60.0 * float(run.data.metrics.get("auto/minutes", 0.0))  # the budget already spent
+        client.update_run(parent, status="RUNNING")
+        count = int(run.data.tags.get("resume_count", "0")) + 1
+        client.set_tag(parent, "resume_count", count)
+        if "error" in run.data.tags:  # the stop being resumed is history
+            client.set_tag(parent, f"resume.{count}.after_error", run.data.tags["error"])
+            client.delete_tag(parent, "error")
+        log.info("auto: resuming %s: %d of %d candidates already ended", parent, len(done), len(todo))
+    else:
+        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        group = f"auto-{stamp}"
+        parent = client.create_run(
+            exp_id,
+            run_name=cfg.get("run_name") or group,
+            tags={ROLE_TAG: "sweep", "sweep_id": group, "auto": "parent", "data_profile": profile.describe(),
+                  "auto_precision": precision_why, "auto_candidates": json.dumps([c.label for c in todo])},
+        ).info.run_id
+        client.log_dict(parent, profile.to_dict(), "auto/profile.json")
+    link = [f"auto.parent_run_id={parent}", f"auto.sweep_id={group}"]
     outcomes: list[Outcome] = []
-    status = "FAILED"
+    status, winner, frame = "FAILED", None, None
     try:
         for k, c in enumerate(todo, 1):
+            if k in done:
+                outcomes.append(done[k])
+                continue
             used = time.perf_counter() - began
+            resume = _interrupted_run(client, exp_id, parent, c.label) if cfg.get("resume_run_id") else None
             try:
                 c_cfg = compose_one(c.label, [*precision_overrides(precision, cfg.trainer, c.family),
-                                              *user_overrides, *c.overrides, "auto.enabled=false"])
+                                              *base, *c.overrides, "auto.enabled=false", *link,
+                                              f"auto.candidate={c.label}",
+                                              *([f"resume_run_id={resume}"] if resume else [])])
             except Exception as err:  # a candidate that does not compose fails alone
                 log.error("auto: candidate %s failed to compose: %s: %s", c.label, type(err).__name__, err)
                 outcomes.append(Outcome(c, "failed", note=f"{err}"[:300]))
+                _record(client, parent, k, outcomes[-1])
                 continue
             work = work_units(c, c_cfg.detector, profile.counts["train"]["good"])
             estimate = estimate_seconds(c, work, outcomes)
@@ -216,14 +318,16 @@ def run_auto(
                 )
                 log.info("auto: candidate %d of %d (%s) %s", k, len(todo), c.label, why)
                 outcomes.append(Outcome(c, "skipped", estimate_s=estimate, note=why, work=work))
+                _record(client, parent, k, outcomes[-1])
                 continue
             log.info(
-                "auto: candidate %d of %d: %s (%.1f min left%s) -- %s",
+                "auto: candidate %d of %d: %s (%.1f min left%s)%s -- %s",
                 k,
                 len(todo),
                 c.label,
                 (budget_s - used) / 60,
                 "" if estimate is None else f", estimated {estimate / 60:.1f} min",
+                f", continuing run {resume}" if resume else "",
                 c.reason,
             )
             t0 = time.perf_counter()
@@ -234,15 +338,13 @@ def run_auto(
                 outcomes.append(
                     Outcome(c, "failed", time.perf_counter() - t0, estimate, note=f"{err}"[:300], work=work)
                 )
+                _record(client, parent, k, outcomes[-1])
                 continue
+            finally:
+                client.log_metric(parent, "auto/minutes", (time.perf_counter() - began) / 60)
             outcomes.append(Outcome(c, "finished", time.perf_counter() - t0, estimate, result, work=work))
-            for key, value in {
-                "mlflow.parentRunId": parent,
-                "sweep_id": group,
-                "auto": "candidate",
-                "auto_reason": c.reason,
-            }.items():
-                client.set_tag(result["run_id"], key, value)
+            client.set_tag(result["run_id"], "auto_reason", c.reason)
+            _record(client, parent, k, outcomes[-1])
         val = profile.counts["val"]
         tie_se = float(auto.get("tie_se", 0.0))
         allowance, tied = within_noise(outcomes, val["good"], val["defect"], tie_se)
@@ -250,9 +352,6 @@ def run_auto(
         winner = ranked[0] if ranked else None
         frame = table(outcomes, winner, tied)
         client.log_metric(parent, "auto/val_auroc_allowance", allowance)
-        client.log_table(parent, frame, "auto/candidates.json")
-        client.log_text(parent, markdown_table(frame), "auto/candidates.md")
-        client.log_metric(parent, "auto/minutes", (time.perf_counter() - began) / 60)
         if winner is None:
             raise RuntimeError(
                 "auto: no candidate finished: see the failed runs' errors in auto/candidates.md"
@@ -266,7 +365,23 @@ def run_auto(
             if key in winner.result["test"]:
                 client.log_metric(parent, f"winner_{key}", float(winner.result["test"][key]))
         status = "FINISHED"
+    except BaseException as err:
+        signal_name = stop_signal(err)
+        status = "KILLED" if signal_name else "FAILED"
+        hint = resume_hint(user_overrides, parent)
+        why = f"stopped by {signal_name}" if signal_name else f"{type(err).__name__}: {err}"
+        client.set_tag(parent, "error", why[:5000])
+        client.set_tag(parent, "resume_with", hint)
+        log.warning("auto stopped (%s) after %d of %d candidates. Resume with: %s",
+                    signal_name or type(err).__name__, len(outcomes), len(todo), hint)
+        raise
     finally:
+        frame = frame if frame is not None else table(outcomes, winner, ())
+        client.log_table(parent, frame, "auto/candidates.json")
+        client.log_text(parent, markdown_table(frame), "auto/candidates.md")
+        client.log_metric(parent, "auto/minutes", (time.perf_counter() - began) / 60)
+        if status == "FINISHED" and "resume_with" in client.get_run(parent).data.tags:
+            client.delete_tag(parent, "resume_with")  # the hint of an earlier stop, now acted on
         client.set_terminated(parent, status)
     log.info(
         "auto: winner %s (val AUROC %.4f, margin %.2f) -> test AUROC %.4f, recall %.3f, FP %d. "

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 CACHE_MODES = ("memory", "disk", "none")
 # Bump when Geometry.prepare or the file layout changes: old cache files then stop matching.
-FORMAT_VERSION = 2
+# 3: a checksum per entry beside each disk cache (<cache>.sums).
+FORMAT_VERSION = 3
 
 
 def as_geometry(geometry: Geometry | int | Sequence[int]) -> Geometry:
@@ -267,26 +268,79 @@ def _open_valid(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     return array
 
 
+def _entry_views(array: np.ndarray, source: _Source) -> list[np.ndarray]:
+    """Each cached image's bytes in `array` (a row, or its slice of a ragged store)."""
+    if source.uniform:
+        return [array[i] for i in range(len(source.paths))]
+    offsets = _offsets(source.shapes)
+    return [array[offsets[i]:offsets[i + 1]] for i in range(len(source.paths))]
+
+
+def _digest(view: np.ndarray) -> int:
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(view), digest_size=8).digest(), "little")
+
+
+def _sums_path(final: Path) -> Path:
+    return final.with_suffix(".sums")
+
+
+def _entry_sums(array: np.ndarray, source: _Source) -> np.ndarray:
+    return np.array([_digest(v) for v in _entry_views(array, source)], dtype=np.uint64)
+
+
+def _repair(final: Path, source: _Source, shape: tuple[int, ...]) -> None:
+    """Re-decode the entries whose checksum no longer matches (a cache damaged in place: same size,
+    other bytes); a cache without readable checksums is rebuilt whole."""
+    try:
+        expected = np.load(_sums_path(final), allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        expected = None
+    if expected is None or expected.shape != (len(source.paths),):
+        log.warning("Decoded-image cache %s has no readable checksums: rebuilding it.", final)
+        final.unlink(missing_ok=True)
+        _build_disk_cache(final, source, shape, "rebuilding")
+        return
+    array = np.load(final, mmap_mode="r+", allow_pickle=False)
+    views = _entry_views(array, source)
+    damaged = [i for i, v in enumerate(views) if _digest(v) != int(expected[i])]
+    if damaged:
+        log.warning("Decoded-image cache %s: %d of %d entries are damaged (checksum mismatch, first: %s); "
+                    "re-decoding them from the image files.", final, len(damaged), len(views),
+                    source.paths[damaged[0]])
+        for i in damaged:
+            views[i][...] = source.prepare(i).reshape(views[i].shape)
+        array.flush()
+    del views, array
+
+
 def _build_disk_cache(final: Path, source: _Source, shape: tuple[int, ...], description: str) -> None:
     """Decode into a private temp file, then publish it with an atomic rename: a run that
-    dies half-way leaves only a temp file, which no reader ever opens."""
+    dies half-way leaves only a temp file, which no reader ever opens. The entries' checksums
+    are published first, beside it."""
     final.parent.mkdir(parents=True, exist_ok=True)
     ignore = final.parent / ".gitignore"
     if not ignore.exists():
         ignore.write_text("# decoded-image cache: rebuilt on demand, never committed\n*\n")
-    tmp = final.with_name(f".{final.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    token = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp = final.with_name(f".{final.stem}.{token}.tmp")
+    tmp_sums = final.with_name(f".{final.stem}.{token}.sums.tmp")
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         _fill(out, source, description)
         out.flush()
+        with open(tmp_sums, "wb") as f:
+            np.save(f, _entry_sums(out, source), allow_pickle=False)
         del out
+        os.replace(tmp_sums, _sums_path(final))
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_sums.unlink(missing_ok=True)
     stem = final.stem.split("-")[0]
     for stale in final.parent.glob(f"{stem}-*.npy"):  # same images and geometry, older contents
         if stale != final:
             stale.unlink(missing_ok=True)
+            _sums_path(stale).unlink(missing_ok=True)
 
 
 def store_nbytes(records: Sequence[ImageRecord], geometry: Geometry | int | Sequence[int],
@@ -322,6 +376,7 @@ def cached_images(records: Sequence[ImageRecord], geometry: Geometry | int | Seq
     if _open_valid(final, shape) is not None:
         log.info("Reusing decoded-image cache %s (%d %ss, %s)", final, len(source.paths), kind,
                  geometry.describe())
+        _repair(final, source, shape)  # every entry checked against its checksum
     else:
         try:
             _build_disk_cache(final, source, shape, description)

@@ -8,7 +8,9 @@ Three geometries behind one interface, chosen with `input=square|letterbox|tiles
   mid-grey (zero after normalisation); maps are cropped to the content before going back.
 - tiles: native resolution (or `input.scale` of it) cut into overlapping tiles; the last row and
   column are aligned to the image edge, so every pixel is seen and none is dropped. The image
-  score is an aggregate of its tiles' scores (models/aggregation.py), maps are stitched back.
+  score is an aggregate of its tiles' scores (models/aggregation.py), maps are stitched back. An
+  image smaller than one tile at that scale (size jitter, a cropped photo) is upscaled, aspect
+  kept, until a tile fits: in training, evaluation, predict and serve alike.
 
 `prepare` is the one place pixels are resized: the decoded-image cache, the predictors and the
 data previews all call it, so training, evaluation, predict, serve and export see identical input.
@@ -200,22 +202,29 @@ class Tiles(Geometry):
     def tile_hw(self) -> tuple[int, int]:
         return self.size
 
-    def prepared_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+    def _scaled_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
         if self.scale == 1.0:
             return int(hw[0]), int(hw[1])
         return max(1, round(hw[0] * self.scale)), max(1, round(hw[1] * self.scale))
 
-    def check_image(self, hw: tuple[int, int], path: str = "") -> None:
-        """A tile larger than the scaled image cannot be cut: say which key to change."""
-        ph, pw = self.prepared_hw(hw)
+    def prepared_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """The scaled image, upscaled (aspect kept) when a tile would not fit in it."""
+        sh, sw = self._scaled_hw(hw)
         th, tw = self.size
-        if th > ph or tw > pw:
-            side = min(hw[0] * self.scale, hw[1] * self.scale)
-            raise UserError(
-                f"input.tile_size={list(self.size)} is larger than {path or 'an image'} after "
-                f"input.scale={self.scale:g} ({hw[1]} x {hw[0]} px -> {pw} x {ph}). Allowed: tiles up to "
-                f"{ph} x {pw} (height x width) at this scale; lower input.tile_size (e.g. "
-                f"{int(side) // 32 * 32 or int(side)}) or raise input.scale (at most 1).")
+        if sh >= th and sw >= tw:
+            return sh, sw
+        grow = max(th / sh, tw / sw)
+        return max(th, math.ceil(sh * grow)), max(tw, math.ceil(sw * grow))
+
+    def upscale_note(self, hw: tuple[int, int], path: str = "") -> str | None:
+        """Why an image is upscaled before tiling (None: it is not): what predict puts in the row."""
+        sh, sw = self._scaled_hw(hw)
+        th, tw = self.size
+        if sh >= th and sw >= tw:
+            return None
+        ph, pw = self.prepared_hw(hw)
+        return (f"{path + ': ' if path else ''}{hw[1]} x {hw[0]} px at input.scale={self.scale:g} is smaller "
+                f"than one {tw} x {th} tile: upscaled to {pw} x {ph}")
 
     def prepare(self, im: Image.Image) -> np.ndarray:
         return self._resample(im, Image.Resampling.BILINEAR, fill=None)
@@ -258,7 +267,9 @@ class Tiles(Geometry):
         return total / count.clamp_min(1)
 
     def _pixel_params(self) -> dict:
-        return {"scale": self.scale}  # the cache stores the scaled image; tiling happens later
+        # the cache stores the scaled image (tiling happens later); a tile's size sets the upscaling
+        # of images smaller than it
+        return {"scale": self.scale, "min_hw": list(self.size)}
 
     def describe(self) -> str:
         return (f"tiles {self.size[0]}x{self.size[1]} px, overlap {self.overlap} px, "

@@ -63,6 +63,19 @@ def available_memory() -> int | None:
     return free
 
 
+def _warn_upscaled(geometry: Tiles, sizes: dict[str, tuple[int, int]]) -> None:
+    """Images smaller than a tile are upscaled (size jitter is normal); say how many, and when it
+    is most of them, that the tile is too large for the data."""
+    notes = [n for path, hw in sizes.items() if (n := geometry.upscale_note(hw, path))]
+    if not notes:
+        return
+    smallest = min(sizes.values(), key=lambda hw: hw[0] * hw[1])
+    log.warning("%d of %d images are smaller than one tile and are upscaled to fit it (first: %s)%s",
+                len(notes), len(sizes), notes[0],
+                f"; most are: lower input.tile_size (the smallest image is {smallest[1]} x {smallest[0]} px)"
+                f" or raise input.scale" if len(notes) > len(sizes) // 2 else "")
+
+
 def plan_input(geometry: Geometry, split: Split, cache: str, batch_size: int,
                images_per_batch: int | None = None, load_masks: bool = False) -> InputPlan:
     """Sizes, batch and cache of a run; raises UserError naming the image a tile cannot fit."""
@@ -71,8 +84,7 @@ def plan_input(geometry: Geometry, split: Split, cache: str, batch_size: int,
     tiles = 1.0
     if isinstance(geometry, Tiles):
         sizes = {r.path: header_hw(r.path) for r in records}
-        for path, hw in sizes.items():
-            geometry.check_image(hw, path)
+        _warn_upscaled(geometry, sizes)
         counts = [geometry.n_tiles(geometry.prepared_hw(hw)) for hw in sizes.values()]
         tiles = sum(counts) / max(1, len(counts))
         batch = images_per_batch or max(1, round(batch_size / tiles))

@@ -29,6 +29,7 @@ from defect_detection.data.previews import (
 )
 from defect_detection.data.records import ImageRecord
 from defect_detection.data.splits import SPLITS, Split
+from defect_detection.naming import file_safe
 
 log = logging.getLogger(__name__)
 UNUSED = "unused"  # read from disk but in no split (e.g. test/good under split=seed)
@@ -169,7 +170,7 @@ def write_data_summary(out_dir: str | Path, split: Split | None, records: Sequen
     _save(class_balance_figure(counts), out / "class_balance.png", files)
     for category in sorted({r.category for r in every}):
         _save(sample_grid_figure(every, category, samples_per_type, split_of),
-              out / "samples" / f"{category}.png", files)
+              out / "samples" / f"{file_safe(category)}.png", files)
     if split is not None and train_dataset is not None and len(train_dataset):
         rng = np.random.default_rng(seed)
         indices = sorted(rng.choice(len(train_dataset), min(preview_images, len(train_dataset)),

@@ -23,6 +23,7 @@ from rich.progress import Progress
 from defect_detection import UserError
 from defect_detection.data.images import DEFAULT_MAX_PIXELS, BadImageError, set_max_image_pixels, verify_image
 from defect_detection.data.records import IMAGE_SUFFIXES, ImageRecord, check_records, records_from_config
+from defect_detection.naming import printable, utf8_problem
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class BadImage:
 
 def check_image(path: str | Path) -> str | None:
     """Why `path` cannot be used as an image, or None when it can."""
+    if problem := utf8_problem(path):  # the CSVs, logs and MLflow artifacts would all fail on it
+        return problem
     try:
         verify_image(path)
     except BadImageError as err:
@@ -64,7 +67,7 @@ def scan_records(records: Sequence[ImageRecord], progress: bool = True) -> list[
 
 
 def describe_bad_images(bad: Sequence[BadImage], where: str) -> str:
-    lines = [f"  {b.path}: {b.reason}" + (" (mask)" if b.role == "mask" else "") for b in bad]
+    lines = [f"  {printable(b.path)}: {b.reason}" + (" (mask)" if b.role == "mask" else "") for b in bad]
     return (f"{len(bad)} bad image file(s) under {where}:\n" + "\n".join(lines) +
             "\nFix or remove them, or set data.on_bad_image=skip to train without them "
             "(the list is then logged to the run as data/bad_images.csv).")
@@ -111,7 +114,7 @@ def screened_records(cfg: DictConfig) -> tuple[list[ImageRecord], list[BadImage]
 def bad_images_frame(bad: Sequence[BadImage]) -> pd.DataFrame:
     """The run artifact data/bad_images.csv."""
     columns = [f.name for f in dataclasses.fields(BadImage)]
-    return pd.DataFrame([dataclasses.asdict(b) for b in bad], columns=columns)
+    return pd.DataFrame([{**dataclasses.asdict(b), "path": printable(b.path)} for b in bad], columns=columns)
 
 
 def _walk(root: Path) -> list[Path]:
@@ -160,9 +163,9 @@ def checked_image_paths(source: str | Path, follow_symlinks: bool = False) -> li
     if not paths:
         return [(Path(text), f"No images ({', '.join(IMAGE_SUFFIXES)}) found at {source}.")]
     if follow_symlinks:
-        return [(p, None) for p in paths]
+        return [(p, utf8_problem(p)) for p in paths]
     real_root = Path(os.path.realpath(root))
-    return [(p, _outside_reason(p, root, real_root)) for p in paths]
+    return [(p, utf8_problem(p) or _outside_reason(p, root, real_root)) for p in paths]
 
 
 def _outside_reason(p: Path, root: Path, real_root: Path) -> str | None:
@@ -171,7 +174,7 @@ def _outside_reason(p: Path, root: Path, real_root: Path) -> str | None:
     real = Path(os.path.realpath(p))
     if real_root not in real.parents:
         return (f"{p} resolves to {real}, outside the input root {real_root}; copy the "
-                "file into the input folder or allow following symlinks.")
+                "file into the input folder, or pass follow_symlinks=true to read links out of it.")
     return None
 
 

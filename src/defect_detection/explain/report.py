@@ -31,6 +31,7 @@ from defect_detection.explain.gradcam import (
 )
 from defect_detection.explain.localisation import localisation_scores
 from defect_detection.explain.overlay import denormalise, gallery, overlay, save_png
+from defect_detection.naming import file_safe
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
         for i in shown[:max_images] if max_images else shown:
             r = records[i]
             name = f"{Path(r.path).stem}_p{p[i]:.2f}.png"
-            save_png(tiles[i], tmp / "images" / r.category / r.defect_type / name)
+            save_png(tiles[i], tmp / "images" / file_safe(r.category) / file_safe(r.defect_type) / name)
         if shown:
             tracker.log_artifact(tmp / "images", "gradcam")
         ncols = max(1, int(ecfg.n_per_group))

@@ -15,25 +15,26 @@ from defect_detection.explain.overlay import denormalise, overlay, save_png
 from defect_detection.models.inference import as_pil
 
 
-def expand_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
+def expand_inputs(inputs: str | Path | Sequence[str | Path], follow_symlinks: bool = False) -> list[Path]:
     """Image files from folders (recursive), glob patterns and file paths, as given (not resolved),
     in order, without duplicates; a symlink leaving its input root, a broken link or a loop is a
     UserError naming it (data/validate.safe_image_paths)."""
-    entries = input_entries(inputs)
+    entries = input_entries(inputs, follow_symlinks)
     for _, reason in entries:
         if reason:
             raise UserError(reason)
     return [p for p, _ in entries]
 
 
-def input_entries(inputs: str | Path | Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+def input_entries(inputs: str | Path | Sequence[str | Path],
+                  follow_symlinks: bool = False) -> list[tuple[Path, str | None]]:
     """Every image the inputs name, as given, with why it cannot be used (None when it can): a
     missing input, one without images, and symlinks out of the input root, broken or looping,
     each get an entry with the reason instead of vanishing."""
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     found: dict[Path, str | None] = {}
     for item in items:
-        for path, reason in checked_image_paths(item):
+        for path, reason in checked_image_paths(item, follow_symlinks):
             found.setdefault(path, reason)
     return list(found.items())
 

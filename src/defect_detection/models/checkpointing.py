@@ -14,6 +14,8 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning.callbacks import Callback
 
+from defect_detection.models.digest import state_digest
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write `.<name>.<pid>.tmp` beside the target, fsync it, then os.replace it into place.
@@ -79,3 +81,54 @@ class RngStateCallback(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         _set_rng_state(state_dict)
+
+
+OWNER_KEY = "defect_run_id"  # the MLflow run that wrote the checkpoint (None: not tracked)
+DIGEST_KEY = "defect_weights_sha256"  # models/digest.py over checkpoint["state_dict"]
+
+
+class CheckpointOwner(Callback):
+    """Stamps every checkpoint with the run that wrote it and the digest of its weights.
+
+    A checkpoint may only continue the run that wrote it: two runs sharing paths.output_dir wrote
+    one last.ckpt, and resuming the first continued from the second's weights. `run_id` is set once
+    the MLflow run exists (after the Trainer is built)."""
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[OWNER_KEY] = self.run_id
+        checkpoint[DIGEST_KEY] = state_digest(checkpoint.get("state_dict", {}))
+
+
+def stamp_threshold(path: str | Path, threshold: float, policy: str, temperature: float,
+                    checkpoint: dict | None = None) -> None:
+    """Write the val-chosen threshold (and temperature) into a checkpoint of this run, in place and
+    atomically, so `defect-predict model=<...>.ckpt` decides as the run's report did."""
+    path = Path(path)
+    if checkpoint is None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", {})
+    if "threshold" in state:
+        state["threshold"] = torch.tensor(float(threshold))
+    if "temperature" in state:
+        state["temperature"] = torch.tensor(float(temperature))
+    meta = checkpoint.setdefault("defect_meta", {})
+    meta.update({"threshold": float(threshold), "threshold_policy": str(policy),
+                 "temperature": float(temperature), "threshold_chosen": True})
+    checkpoint[DIGEST_KEY] = state_digest(state)
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+
+
+def stamp_run_checkpoints(folder: str | Path | None, run_id: str | None, choice, temperature: float) -> None:
+    """stamp_threshold on every checkpoint in `folder` that this run wrote (others are left alone)."""
+    if not folder:
+        return
+    for path in sorted(Path(folder).glob("*.ckpt")):
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # not ours to touch
+            continue
+        if isinstance(checkpoint, dict) and checkpoint.get(OWNER_KEY) == run_id:
+            stamp_threshold(path, choice.value, choice.policy, temperature, checkpoint)

@@ -16,12 +16,16 @@ import torch
 from PIL import Image
 
 from defect_detection import CLASS_NAMES, UserError
-from defect_detection.data.geometry import Geometry, build_geometry
+from defect_detection.data.geometry import Geometry, build_geometry, header_hw
 from defect_detection.data.images import load_rgb
+from defect_detection.devices import check_device
 from defect_detection.models.aggregation import image_logits
 from defect_detection.models.batchnorm_folding import fold_batchnorm
+from defect_detection.models.checkpointing import DIGEST_KEY, OWNER_KEY
+from defect_detection.models.digest import state_digest, verify_digest
 from defect_detection.models.families import family
 from defect_detection.models.safe_load import safe_torch_load
+from defect_detection.models.store import fetched_bundle, is_store_uri
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,10 @@ def save_bundle(path: str | Path, net: torch.nn.Module, *, backbone: str, image_
             "std": [float(s) for s in std], "threshold": float(threshold),
             "threshold_policy": threshold_policy, "temperature": float(temperature),
             "class_names": list(CLASS_NAMES), **(extra or {})}
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    meta["weights_sha256"] = state_digest(state)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"meta": meta, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}, tmp)
+    torch.save({"meta": meta, "state_dict": state}, tmp)
     tmp.replace(path)
     return path
 
@@ -52,11 +58,20 @@ def _read_bundle(path: str | Path) -> tuple[dict, dict]:
         raise UserError(f"Model file not found: {path}.")
     data = safe_torch_load(path, "model (an inference bundle or a defect-train checkpoint)")
     if isinstance(data, dict) and "meta" in data:
+        verify_digest(data["state_dict"], data["meta"].get("weights_sha256"), path)
         return data["meta"], data["state_dict"]
     if isinstance(data, dict) and "defect_meta" in data:
+        verify_digest(data.get("state_dict", {}), data.get(DIGEST_KEY), path)
         state = {k[len("net."):]: v for k, v in data["state_dict"].items() if k.startswith("net.")}
-        return {"class_names": list(CLASS_NAMES), "temperature": 1.0, "threshold_policy": "checkpoint",
-                **data["defect_meta"]}, state
+        meta = {"class_names": list(CLASS_NAMES), "temperature": 1.0, "threshold_policy": "checkpoint",
+                **data["defect_meta"], **({"run_id": data[OWNER_KEY]} if data.get(OWNER_KEY) else {})}
+        if not meta.get("threshold_chosen"):
+            log.warning("%s carries no val-chosen threshold (it was written before the run chose one, "
+                        "or by an older version): it decides at %.4g. Use the run's model "
+                        "(runs:/<run id>/model) or pass a checkpoint of a finished run.", path,
+                        float(meta.get("threshold", 0.5)))
+            meta["threshold_policy"] = "none chosen (checkpoint default)"
+        return meta, state
     raise UserError(f"{path} is neither an inference bundle nor a checkpoint written by defect-train.")
 
 
@@ -74,6 +89,16 @@ def as_pil(item) -> Image.Image:
     if arr.dtype != np.uint8:
         arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
     return Image.fromarray(arr[..., :3])
+
+
+def _item_hw(item) -> tuple[int, int]:
+    """(h, w) of a path (from its header), PIL image or array, as as_pil would see it."""
+    if isinstance(item, (str, Path)):
+        return header_hw(str(item))
+    if isinstance(item, Image.Image):
+        return item.height, item.width
+    shape = np.asarray(item).shape
+    return int(shape[0]), int(shape[1])
 
 
 def bundle_geometry(meta: dict) -> Geometry:
@@ -123,7 +148,11 @@ class BasePredictor:
     def prepare(self, items: Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(normalised network inputs T x 3 x h x w, tiles per image or None when one each),
         exactly as the eval transform and the tile collate make them."""
-        images = [self._normalise(self._to_array(i)) for i in items]
+        return self._inputs([self._to_array(i) for i in items])
+
+    def _inputs(self, arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """prepare() of arrays the geometry has already prepared (H x W x 3 uint8)."""
+        images = [self._normalise(a) for a in arrays]
         if self.geometry.name != "tiles":
             return (torch.stack(images) if images else torch.empty(0, 3, *self.geometry.size)), None
         tiles = [self.geometry.cut(im) for im in images]
@@ -150,25 +179,44 @@ class BasePredictor:
         return torch.cat(parts) if parts else torch.empty(0, 2)
 
     def p_defect(self, items: Sequence) -> np.ndarray:
-        items = list(items)
+        """p_defect of paths, PIL images or arrays, decoded and prepared a chunk at a time."""
+        return self._p_in_chunks(list(items), self._to_array)
+
+    def p_defect_prepared(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """p_defect of images the geometry has already prepared (what serving decodes one by one)."""
+        return self._p_in_chunks(list(arrays), lambda a: a)
+
+    def _p_in_chunks(self, items: list, to_array) -> np.ndarray:
         per_chunk = self.batch_size
         if self.geometry.name == "tiles" and items:  # about batch_size tiles per forward pass
-            first = self._to_array(items[0]).shape[:2]
+            first = to_array(items[0]).shape[:2]
             per_chunk = max(1, self.batch_size // self.geometry.n_tiles(first))
         out = []
         for start in range(0, len(items), per_chunk):
-            x, counts = self.prepare(items[start:start + per_chunk])
+            x, counts = self._inputs([to_array(i) for i in items[start:start + per_chunk]])
             out.append(self._p_of(self._logits_in_chunks(x), counts))
         return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
 
     def predict(self, items: Iterable) -> pd.DataFrame:
-        """p_defect and the pass/fail decision at the bundled threshold."""
+        """p_defect and the pass/fail decision at the bundled threshold (and a `note` column when
+        an image was prepared unusually: smaller than a tile, so upscaled)."""
         items = list(items)
         p = self.p_defect(items)
         is_defect = p >= self.threshold
-        return pd.DataFrame({"p_defect": p.astype(float), "is_defect": is_defect,
-                             "decision": np.where(is_defect, CLASS_NAMES[1], CLASS_NAMES[0]),
-                             "threshold": self.threshold})
+        table = pd.DataFrame({"p_defect": p.astype(float), "is_defect": is_defect,
+                              "decision": np.where(is_defect, CLASS_NAMES[1], CLASS_NAMES[0]),
+                              "threshold": self.threshold})
+        notes = self.notes(items)
+        if any(notes):
+            table["note"] = notes
+        return table
+
+    def notes(self, items: Sequence) -> list[str | None]:
+        """Per item, how the geometry had to adapt it (None: prepared as in training)."""
+        note = getattr(self.geometry, "upscale_note", None)
+        if note is None:
+            return [None] * len(items)
+        return [note(_item_hw(i)) for i in items]
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -241,6 +289,7 @@ def load_predictor(source: str | Path, device: str = "cpu", *, bf16: bool = Fals
     decides as evaluation did; int8 artefacts come from `defect-export --quantize int8`.
     """
     text = str(source)
+    check_device(device)
     if runtime not in RUNTIMES:
         raise UserError(f"runtime={runtime}: use one of {', '.join(RUNTIMES)}.")
     suffix = Path(text).suffix.lower() if "://" not in text else ""
@@ -258,16 +307,9 @@ def load_predictor(source: str | Path, device: str = "cpu", *, bf16: bool = Fals
         from defect_detection.models.onnx_predictor import OnnxPredictor
 
         return OnnxPredictor(source, batch_size=batch_size)
-    if "://" in text or text.startswith(("runs:/", "models:/")):
-        import mlflow
-
-        model = mlflow.pyfunc.load_model(text)
-        predictor = model.unwrap_python_model().predictor
-        if isinstance(predictor, Predictor):
-            predictor.net.to(device)
-            predictor.device = torch.device(device)
-            predictor.bf16 = bf16
-        predictor.batch_size = batch_size
+    if is_store_uri(text):  # the bundle alone: nothing stored with the model is run
+        with fetched_bundle(text) as bundle:
+            predictor = Predictor(bundle, device=device, batch_size=batch_size, bf16=bf16)
     else:
         predictor = Predictor(source, device=device, batch_size=batch_size, bf16=bf16)
     if runtime in ("auto", "torch") or not isinstance(predictor, Predictor):

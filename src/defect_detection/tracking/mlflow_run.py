@@ -17,8 +17,11 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from defect_detection import project_root
+from defect_detection.quiet import mask_credentials_in_mlflow_logs
+from defect_detection.tracking.redact import redact, redact_value
 
 log = logging.getLogger(__name__)
+mask_credentials_in_mlflow_logs()
 
 # Run tag listing metrics that are undefined (NaN) because a split held one class; promotion refuses it.
 UNDEFINED_TAG = "undefined_metrics"
@@ -52,10 +55,35 @@ def fluent_tracking_uri(uri: str, registry_uri: str | None = None) -> Iterator[N
                 os.environ[key] = value
 
 
+_READY_STORES: set[str] = set()
+
+
 def ensure_local_store(tracking_uri: str) -> None:
-    """Create the folder of a sqlite store; MLflow creates the database itself."""
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    """Create a sqlite store's folder and database, one process at a time.
+
+    MLflow creates the tables (alembic migrations) on first use; two first runs started at the same
+    moment both did, and the second died with a raw migration error. A file lock beside the
+    database serialises the creation; once a process has seen the store ready it skips this."""
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY_STORES:
+        return
+    db = Path(tracking_uri[len("sqlite:///"):]).expanduser()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(db.with_name(db.name + ".lock")):
+        MlflowClient(tracking_uri).search_experiments(max_results=1)  # creates / migrates the tables
+    _READY_STORES.add(tracking_uri)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if missing) for the block."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def artifact_uri(path: str | Path | None) -> str | None:
@@ -86,11 +114,13 @@ def store_artifact_location(logger_cfg: Mapping | DictConfig) -> str | None:
 
 
 def without_credentials(uri: str) -> str:
-    """A URI safe to write into a run tag: user:password@ dropped."""
-    parsed = urlparse(uri)
-    if parsed.username or parsed.password:
-        return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl()
-    return uri
+    """A URI safe to write into a run tag or a log line: user info and token-like values masked."""
+    return redact(uri)
+
+
+def config_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML, credentials masked: what a run keeps as config.yaml."""
+    return OmegaConf.to_yaml(OmegaConf.create(redact_value(OmegaConf.to_container(cfg, resolve=True))))
 
 
 def fresh_run_name() -> str:
@@ -110,9 +140,11 @@ def fresh_run_name() -> str:
         random.setstate(state)
 
 
-def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The id of experiment `name`, created (with this artifact location) when missing; safe when
-    parallel processes create it at the same time."""
+def get_or_create_experiment(client: MlflowClient, name: str, logger_cfg: Mapping | DictConfig) -> str:
+    """The id of experiment `name`, created when missing with its artifacts beside the store
+    (store_artifact_location: the one place that decides it); safe when parallel processes
+    create it at the same time."""
+    artifact_location = store_artifact_location(logger_cfg)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage != "deleted":
         return experiment.experiment_id
@@ -123,7 +155,8 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
 
 
 def flatten(cfg: Mapping | DictConfig, prefix: str = "") -> dict[str, str]:
-    """Dotted-key params from a nested config (lists rendered as their YAML flow form)."""
+    """Dotted-key params from a nested config (lists rendered as their YAML flow form), credentials
+    masked."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     out: dict[str, str] = {}
@@ -132,7 +165,7 @@ def flatten(cfg: Mapping | DictConfig, prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping):
             out.update(flatten(value, name + "."))
         else:
-            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            out[name] = redact(json.dumps(value) if isinstance(value, (list, tuple)) else str(value))
     return out
 
 

@@ -28,6 +28,10 @@ from defect_detection.tracking.mlflow_run import UNDEFINED_TAG, fluent_tracking_
 log = logging.getLogger(__name__)
 
 
+# A run whose validation AUROC is at or below this ranks parts no better than chance.
+CHANCE_AUROC = 0.5
+
+
 class PromotionRefused(UserError):
     """The candidate is worse than the current champion (promote with force=true to override)."""
 
@@ -112,6 +116,10 @@ def find_candidates(client: MlflowClient, experiment_ids: Sequence[str], metric:
     for run in runs:
         model = models.get(run.info.run_id)
         if model is not None and not math.isnan(metric_value(run, metric)):
+            if metric_value(run, "val/auroc") <= CHANCE_AUROC and not include_undefined:
+                log.warning("Run %s is not a candidate: val/auroc %.4g is at chance.", run.info.run_id,
+                            metric_value(run, "val/auroc"))
+                continue
             if UNDEFINED_TAG in run.data.tags and not include_undefined:
                 log.warning("Run %s is not a candidate: undefined metrics (%s).", run.info.run_id,
                             run.data.tags[UNDEFINED_TAG])
@@ -172,6 +180,12 @@ def promote(client: MlflowClient, candidate: Candidate, *, name: str, metric: st
     """Register the candidate's model and move `alias` to it (see the module docstring)."""
     direction = resolve_direction(metric, direction)
     tie_break = [TieBreak(t.metric, resolve_direction(t.metric, t.direction)) for t in tie_break]
+    chance = metric_value(candidate.run, "val/auroc")
+    if chance <= CHANCE_AUROC:  # never, not even forced: it decides no better than a coin
+        raise PromotionRefused(
+            f"Run {candidate.run_id} has val/auroc={chance:.4g}: at or below chance ({CHANCE_AUROC}), its "
+            "scores do not separate good from defect parts on validation, so it is never promoted. "
+            "Look at its report.html (data, split, family) and train again.")
     undefined = candidate.run.data.tags.get(UNDEFINED_TAG)
     if undefined and not force:
         raise PromotionRefused(

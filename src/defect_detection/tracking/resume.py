@@ -21,8 +21,19 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from defect_detection import UserError
+from defect_detection.data.fingerprint import ARTIFACT as FINGERPRINT
+from defect_detection.data.fingerprint import compare
+from defect_detection.models.checkpointing import DIGEST_KEY, OWNER_KEY
+from defect_detection.models.digest import verify_digest
 from defect_detection.models.safe_load import why_unloadable
-from defect_detection.tracking.mlflow_run import RunTracker, ensure_local_store, flatten, stop_signal
+from defect_detection.tracking.mlflow_run import (
+    RunTracker,
+    config_yaml,
+    ensure_local_store,
+    flatten,
+    stop_signal,
+)
+from defect_detection.tracking.run_lock import refuse_if_live
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +51,22 @@ _RESUME_KEYS = ("ckpt_path", "resume_run_id")
 @dataclass(frozen=True)
 class Resume:
     ckpt_path: str | None = None       # what trainer.fit restores from
-    run_id: str | None = None          # the MLflow run that continues (None: a new run)
+    run_id: str | None = None          # the MLflow run that continues in place (None: a new run)
     checkpoint_dir: str | None = None  # the continued run's checkpoint folder, reused
+    parent_run_id: str | None = None   # a FINISHED run continued as a new run (never rewritten)
+
+    @property
+    def source_run_id(self) -> str | None:
+        """The run whose checkpoint, config and data this one continues."""
+        return self.run_id or self.parent_run_id
 
 
 def check_checkpoint(path: str | Path) -> Path:
     """The path of a complete, safely loadable Lightning training checkpoint, or a UserError."""
+    return _load_checkpoint(path)[0]
+
+
+def _load_checkpoint(path: str | Path) -> tuple[Path, dict]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"Checkpoint not found: {path}. Pass ckpt_path=<an existing .ckpt file>, "
@@ -59,7 +80,8 @@ def check_checkpoint(path: str | Path) -> Path:
     if not isinstance(data, dict) or "loops" not in data or "optimizer_states" not in data:
         raise UserError(f"{path} holds weights only, not a training state to resume (no optimizer/"
                         "loop state). Use it for prediction, or resume from a last.ckpt.")
-    return path
+    verify_digest(data.get("state_dict", {}), data.get(DIGEST_KEY), path)
+    return path, data
 
 
 def _client(cfg: DictConfig) -> MlflowClient | None:
@@ -72,6 +94,13 @@ def _client(cfg: DictConfig) -> MlflowClient | None:
 def _last_of(run) -> Path | None:
     folder = run.data.tags.get(CKPT_TAG)
     return Path(folder) / LAST if folder and (Path(folder) / LAST).is_file() else None
+
+
+def _run_or_none(client: MlflowClient, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
 
 
 def _by_id(client: MlflowClient, run_id: str, uri: str):
@@ -121,15 +150,26 @@ def prepare_resume(cfg: DictConfig) -> Resume:
     else:
         path = Path(ckpt)
         run = _run_of_folder(client, path.expanduser().resolve().parent) if client else None
-    path = check_checkpoint(path)
+    path, data = _load_checkpoint(path)
+    owner = data.get(OWNER_KEY)
+    if run is None and owner and client is not None:
+        run = _run_or_none(client, owner)
+    if run is not None and owner and owner != run.info.run_id:
+        raise UserError(f"{path} was written by run {owner}, not by run {run.info.run_id}: another run "
+                        f"reused its checkpoint folder ({path.parent}), so run {run.info.run_id} can no "
+                        f"longer be resumed from it. Resume run {owner} instead (resume_run_id={owner}), "
+                        "or start afresh.")
+    refuse_if_live(run.data.tags.get(CKPT_TAG) if run is not None else None, owner, "Cannot resume")
+    refuse_if_live(path.parent, owner, "Cannot resume")
     if run is not None:
         check_same_config(client, run, cfg)
     if run is None:
-        log.info("Resuming from %s in a new MLflow run (no run owns that checkpoint folder).", path)
+        log.info("Resuming from %s in a new MLflow run (no run owns that checkpoint).", path)
         return Resume(str(path), None, None)
-    if run.info.status == "FINISHED":
-        log.warning("Run %s already FINISHED; continuing it adds epochs and logs its results again.",
-                    run.info.run_id)
+    if run.info.status == "FINISHED":  # its report, threshold and model stay exactly as they are
+        log.warning("Run %s is FINISHED: it is continued as a new run (tag resumed_from=%s); the "
+                    "finished run is not changed.", run.info.run_id, run.info.run_id)
+        return Resume(str(path), None, None, parent_run_id=run.info.run_id)
     folder = run.data.tags.get(CKPT_TAG)
     if folder and cfg.get("callbacks") and cfg.callbacks.get("model_checkpoint"):
         OmegaConf.update(cfg, "callbacks.model_checkpoint.dirpath", folder)
@@ -192,6 +232,34 @@ def check_same_config(client: MlflowClient, run, cfg: DictConfig) -> None:
                         f"{resume_command(run.info.run_id, overrides)}")
 
 
+def check_same_data(cfg: DictConfig, resume: Resume, now: dict[str, str]) -> None:
+    """Refuse to continue a run on other data than it started with (its data/fingerprint.json):
+    images added, removed or changed under the same data.root, named with their counts."""
+    run_id = resume.source_run_id
+    client = _client(cfg)
+    if not run_id or client is None:
+        return
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            before = json.loads(Path(client.download_artifacts(run_id, FINGERPRINT, tmp)).read_text())
+    except Exception:  # a run from before fingerprints existed
+        log.warning("Run %s has no %s: cannot check that its data are unchanged.", run_id, FINGERPRINT)
+        return
+    change = compare(before, now)
+    if change:
+        raise UserError(f"Run {run_id} cannot be continued on these data: since it started, "
+                        f"{change.describe()} under data.root={cfg.data.get('root')}. Its split, "
+                        "threshold and report belong to the data it started with: restore them, or "
+                        "start a new run on the new data.")
+
+
+def tag_resumed_from(tracker: RunTracker, resume: Resume) -> None:
+    """A FINISHED run continued as a new run: the new one names its parent."""
+    if resume.parent_run_id:
+        tracker.set_tags({"resumed_from": resume.parent_run_id, "mlflow.parentRunId": resume.parent_run_id,
+                          "resumed_from_checkpoint": resume.ckpt_path})
+
+
 def _run_of_folder(client: MlflowClient, folder: Path):
     text = str(folder).replace("'", "\\'")
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -200,11 +268,16 @@ def _run_of_folder(client: MlflowClient, folder: Path):
     return runs[0] if runs else None
 
 
+def checkpoint_folder(trainer) -> str | None:
+    """Where the trainer's checkpoints go (None without a ModelCheckpoint)."""
+    callback = getattr(trainer, "checkpoint_callback", None)
+    return str(Path(callback.dirpath).resolve()) if callback is not None and callback.dirpath else None
+
+
 def tag_checkpoint_dir(tracker: RunTracker, trainer) -> None:
     """Tag the run with where its checkpoints go: what a later resume looks up."""
-    callback = getattr(trainer, "checkpoint_callback", None)
-    if callback is not None and callback.dirpath:
-        tracker.set_tags({CKPT_TAG: str(Path(callback.dirpath).resolve())})
+    if folder := checkpoint_folder(trainer):
+        tracker.set_tags({CKPT_TAG: folder})
 
 
 def continue_run(tracker: RunTracker, cfg: DictConfig, resume: Resume) -> None:
@@ -225,7 +298,7 @@ def continue_run(tracker: RunTracker, cfg: DictConfig, resume: Resume) -> None:
     tracker.set_tags({"resume_count": count, f"resume.{count}.from": resume.ckpt_path,
                       f"resume.{count}.changed": "; ".join(f"{k}: {a} -> {b}" for k, (a, b)
                                                            in sorted(changed.items())) or "nothing"})
-    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), f"resume/{count}/config.yaml")
+    tracker.log_text(config_yaml(cfg), f"resume/{count}/config.yaml")
 
 
 def _archive_error(tracker: RunTracker, run, count: int) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from urllib.parse import urlparse
 
 from defect_detection import project_root
+from defect_detection.tracking.redact import redact
 
 log = logging.getLogger("defect_detection.summary")
 UI_HOST, UI_PORT = "127.0.0.1", 5000
@@ -53,7 +54,7 @@ def summary_lines(test_metrics: Mapping[str, float], threshold: float, policy: s
         return ["run: not tracked (logger=none)", *lines]
     head = [f"run: {run_id}" + (f" (experiment {experiment_id})" if experiment_id else "")]
     if tracking_uri:
-        command, base = ui_command(tracking_uri)
+        command, base = ui_command(redact(tracking_uri))
         if command:
             head.append(f"open: {command}  then  {run_url(base, experiment_id or '0', run_id)}")
         else:

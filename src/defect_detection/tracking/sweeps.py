@@ -30,7 +30,6 @@ from defect_detection.tracking.mlflow_run import (
     ensure_local_store,
     flatten,
     get_or_create_experiment,
-    store_artifact_location,
 )
 
 log = logging.getLogger(__name__)
@@ -93,8 +92,7 @@ def record_failed_trial(cfg: DictConfig, error: BaseException) -> str | None:
     tags = sweep_tags()
     try:
         client = MlflowClient(cfg.logger.tracking_uri)
-        experiment_id = get_or_create_experiment(client, cfg.logger.experiment_name,
-                                                 store_artifact_location(cfg.logger))
+        experiment_id = get_or_create_experiment(client, cfg.logger.experiment_name, cfg.logger)
         query = f"tags.sweep_id = '{tags.get('sweep_id')}' AND tags.sweep_job = '{tags.get('sweep_job')}'"
         found = client.search_runs([experiment_id], query, max_results=1) if tags else []
         if found:  # training opened the run and RunTracker.fail already marked it FAILED
@@ -136,8 +134,7 @@ class SweepTracking(Callback):
         # sqlite's schema migration and on create_experiment.
         ensure_local_store(uri)
         client = MlflowClient(uri)
-        experiment_id = get_or_create_experiment(client, config.logger.experiment_name,
-                                                 store_artifact_location(config.logger))
+        experiment_id = get_or_create_experiment(client, config.logger.experiment_name, config.logger)
         override_list = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
         overrides = " ".join(override_list)
         tags = {ROLE_TAG: "sweep", "sweep_id": sweep_dir.name, "sweep_dir": str(sweep_dir),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from defect_detection import UserError
+from defect_detection.data.splits import Split
 from defect_detection.models.families import Family
 from defect_detection.models.families.patchcore import PatchCoreModule, PatchCoreNet
 
@@ -25,6 +26,22 @@ def build_module(cfg: DictConfig, class_counts: tuple[int, int], meta: dict) -> 
                            aggregate=meta.get("aggregate"), seed=int(cfg.seed))
 
 
+# Every 5th good train input is held out of the bank to put scores on a scale (patchcore.py): below
+# 10 good images at most one is held out, the spread of good scores is unknown, and with fewer than 5
+# none is (raw distances in the tens saturate p_defect at 1: val AUROC 0.5, every part rejected).
+MIN_GOOD_TRAIN = 10
+
+
+def check_split(cfg: DictConfig, split: Split) -> None:
+    """Refuse a train split with too few good parts to build and scale a memory bank."""
+    n_good = sum(1 for r in split.train if r.label == 0)
+    if n_good < MIN_GOOD_TRAIN:
+        raise UserError(f"detector=patchcore needs at least {MIN_GOOD_TRAIN} good images in the train split "
+                        f"and it has {n_good}: it learns from good parts alone and holds every 5th out to "
+                        "scale its scores. Add good images (or lower split.make.val_fraction / "
+                        "test_fraction), or use detector=classifier.")
+
+
 def build_net(meta: dict) -> PatchCoreNet:
     return PatchCoreNet(meta["backbone"], meta["strides"], pretrained=False,
                         neighbourhood=int(meta.get("neighbourhood", 3)), bank_size=int(meta["bank_size"]),
@@ -33,4 +50,4 @@ def build_net(meta: dict) -> PatchCoreNet:
 
 # one pass over the good training images builds the bank: one epoch, no early stopping needed
 FAMILY = Family("patchcore", build_module, build_net, trainer={"max_epochs": 1}, uses_train_defects=False,
-                augments=False)
+                augments=False, check_split=check_split)
