@@ -26,7 +26,7 @@ test-all: $(STAMP)  ## including the slow end-to-end runs
 	$(BIN)/pytest -q -m ''
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts examples
 
 ui: $(STAMP)  ## the MLflow UI on this project's store: http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \

@@ -58,12 +58,13 @@ from defect_detection import UserError, project_root
 from defect_detection.config import CONFIG_DIR
 from defect_detection.data.cache import cached_images
 from defect_detection.data.splits import Split
-from defect_detection.export import export_onnx
 from defect_detection.models.batchnorm_folding import fold_batchnorm
+from defect_detection.models.exporting import export_onnx
 from defect_detection.models.inference import Predictor, save_bundle
 from defect_detection.models.onnx_predictor import OnnxPredictor
+from defect_detection.pipeline.builders import build_datamodule, build_module
+from defect_detection.pipeline.fit import build_logger
 from defect_detection.tracking.mlflow_run import RunTracker, flatten
-from defect_detection.train import build_datamodule, build_logger, build_module
 
 log = logging.getLogger("benchmark")
 DEFAULT_ROOT = project_root().parent / "shared" / "data" / "mvtec"
@@ -552,8 +553,9 @@ def _runtime_predictor(variant: str, files: dict, threads: int):
 
 def run_runtimes(args, work: Path) -> dict:
     """Every runtime on the same prepared inputs of each model's test split; parity on val and test."""
-    from defect_detection.export import export, parity, run_images
-    from defect_detection.models.inference import load_predictor
+    from defect_detection.models.exporting import parity
+    from defect_detection.models.loading import load_predictor
+    from defect_detection.pipeline.export import export, run_images
     from defect_detection.runtime_speed import (
         best_batch,
         flops_per_input,

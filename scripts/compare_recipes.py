@@ -37,8 +37,8 @@ from mlflow import MlflowClient
 
 from defect_detection import project_root
 from defect_detection.config import CONFIG_DIR
+from defect_detection.pipeline.fit import train
 from defect_detection.tracking.mlflow_run import ensure_local_store, get_or_create_experiment
-from defect_detection.train import train
 
 EXPERIMENT = "recipe-comparison"
 # (column, result key, how the worst case is taken)

@@ -30,7 +30,7 @@ from defect_detection.data.geometry import header_hw
 from defect_detection.explain.gradcam import geometry_cams
 from defect_detection.explain.report import original_resolution_scores
 from defect_detection.models.families import family
-from defect_detection.train import build_datamodule, build_module, detector_name
+from defect_detection.pipeline.builders import build_datamodule, build_module, detector_name
 
 DEFAULT_CANDIDATES = {
     "efficientnet": ["net.conv_head", "net.blocks.6", "net.blocks.5", "net.blocks.4", "net.blocks.3",

@@ -37,8 +37,8 @@ def measure(overrides: list[str], epochs: int) -> dict:
 
     from defect_detection.config import CONFIG_DIR
     from defect_detection.models.families import family
+    from defect_detection.pipeline.builders import build_datamodule, build_module, detector_name
     from defect_detection.runtime_speed import module_scoring_rates
-    from defect_detection.train import build_datamodule, build_module, detector_name
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "logger=none", "data.cache=memory",

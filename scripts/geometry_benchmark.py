@@ -21,8 +21,8 @@ import time
 from hydra import compose, initialize_config_dir
 
 from defect_detection.config import CONFIG_DIR
+from defect_detection.pipeline.builders import build_datamodule, build_module
 from defect_detection.runtime_speed import module_scoring_rates
-from defect_detection.train import build_datamodule, build_module
 
 
 def measure(overrides: list[str], steps: int) -> dict:

@@ -73,7 +73,7 @@ def compose_run(args: argparse.Namespace, dataset: str, seed: int, *extra: str):
 
 
 def collect(args: argparse.Namespace) -> None:
-    from defect_detection.train import train
+    from defect_detection.pipeline.fit import train
 
     for seed in args.seeds:
         for dataset in args.datasets:
@@ -91,7 +91,7 @@ def collect(args: argparse.Namespace) -> None:
             fold_test = folder / f"folds{args.cv_folds}_test_scores.csv"
             if args.cv and not (folder / f"oof{args.cv_folds}_scores.csv").exists() or (
                     args.cv and not fold_test.exists()):
-                from defect_detection.evaluation.cross_val import fold_scores
+                from defect_detection.pipeline.cross_val import fold_scores
 
                 t0 = time.perf_counter()
                 cfg = compose_run(args, dataset, seed, "threshold=cross_val",

@@ -19,7 +19,8 @@ from defect_detection import UserError
 from defect_detection.data.images import DEFAULT_MAX_PIXELS, load_rgb, set_max_image_pixels
 from defect_detection.data.records import read_mvtec
 from defect_detection.data.validate import check_image, safe_image_paths, screen_records
-from defect_detection.train import build_datamodule, train
+from defect_detection.pipeline.builders import build_datamodule
+from defect_detection.pipeline.fit import train
 
 
 @pytest.fixture(autouse=True)

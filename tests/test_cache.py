@@ -20,7 +20,7 @@ from defect_detection.data.cache import (
     cached_images,
     decode_images,
 )
-from defect_detection.data.images import load_resized
+from defect_detection.data.geometry import load_resized
 from defect_detection.data.records import ImageRecord, read_mvtec
 from defect_detection.data.transforms import build_eval_transform
 
@@ -166,7 +166,7 @@ def test_bad_mode_and_missing_dir_are_user_errors(images):
 
 
 def test_datamodule_disk_cache_from_config_matches_memory(cfg_factory, tmp_path):
-    from defect_detection.train import build_datamodule
+    from defect_detection.pipeline.builders import build_datamodule
 
     cfg = cfg_factory("data.cache=disk")
     assert cfg.data.num_workers == (0 if not torch.cuda.is_available() else cfg.data.num_workers)
@@ -188,7 +188,7 @@ def test_datamodule_disk_cache_from_config_matches_memory(cfg_factory, tmp_path)
 
 
 def test_loader_workers_read_the_disk_cache(cfg_factory):
-    from defect_detection.train import build_datamodule
+    from defect_detection.pipeline.builders import build_datamodule
 
     dm = build_datamodule(cfg_factory("data.cache=disk", "data.num_workers=1", "data.batch_size=4"))
     dm.setup("fit")
@@ -202,7 +202,7 @@ def test_lightning_fit_keeps_frozen_batchnorm_in_eval(cfg_factory):
     """Lightning 2.x never calls .train() in fit: the module must, or frozen BN trains (and is slower)."""
     import pytorch_lightning as pl
 
-    from defect_detection.train import build_datamodule, build_module
+    from defect_detection.pipeline.builders import build_datamodule, build_module
 
     cfg = cfg_factory("logger=none", "backbone.pretrained=false")
     dm = build_datamodule(cfg)

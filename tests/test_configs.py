@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from defect_detection.config import CONFIG_DIR
 from defect_detection.data.transforms import build_train_transform
 from defect_detection.models.losses import build_loss
-from defect_detection.train import build_module
+from defect_detection.pipeline.builders import build_module
 
 GROUPS = ["data", "split", "backbone", "freezing", "loss", "threshold", "augmentation", "optimizer",
           "scheduler", "trainer", "logger", "callbacks", "calibration", "explain", "experiment", "debug"]

@@ -155,7 +155,7 @@ def _compose_data(root, *overrides):
 
 
 def test_defect_data_prints_and_writes_on_a_tiny_tree(tree, tmp_path):
-    from defect_detection.data_cmd import data_summary
+    from defect_detection.pipeline.data_summary import data_summary
 
     cfg = _compose_data(tmp_path, f"data.root={tree}", f"data.categories=[{','.join(CATEGORIES)}]",
                         "data.image_size=32", "preview_images=4",
@@ -170,7 +170,7 @@ def test_defect_data_prints_and_writes_on_a_tiny_tree(tree, tmp_path):
 
 
 def test_defect_data_still_reports_when_the_split_fails(tmp_path):
-    from defect_detection.data_cmd import data_summary
+    from defect_detection.pipeline.data_summary import data_summary
 
     for i in range(2):  # too few for three non-empty splits
         _img(tmp_path / f"data/good/{i}.png")
@@ -200,8 +200,9 @@ def _assert_data_artifacts(client, run_id, cfg):
 
 def test_log_data_summary_puts_everything_under_data_in_the_run(cfg_factory):
     from defect_detection.data.summary import log_data_summary
+    from defect_detection.pipeline.builders import build_datamodule
+    from defect_detection.pipeline.fit import build_logger
     from defect_detection.tracking.mlflow_run import RunTracker
-    from defect_detection.train import build_datamodule, build_logger
 
     cfg = cfg_factory()
     datamodule = build_datamodule(cfg)
@@ -215,7 +216,7 @@ def test_log_data_summary_puts_everything_under_data_in_the_run(cfg_factory):
 
 @pytest.mark.slow
 def test_training_run_logs_the_data_summary(tmp_path):
-    from defect_detection.train import train
+    from defect_detection.pipeline.fit import train
     from tests.conftest import compose_train
 
     cfg = compose_train(tmp_path, "log_model=false")

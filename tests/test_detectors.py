@@ -13,8 +13,8 @@ import torch
 
 from defect_detection import UserError
 from defect_detection.models.families.patchcore import greedy_coreset, nearest_distances
-from defect_detection.models.inference import load_predictor
-from defect_detection.train import train
+from defect_detection.models.loading import load_predictor
+from defect_detection.pipeline.fit import train
 from tests.conftest import compose_train
 
 
@@ -57,10 +57,11 @@ def test_reweighting_scales_the_largest_distance_by_the_banks_density_at_its_nei
 
 def test_a_reweighting_neighbourhood_of_one_is_refused_with_the_range(tmp_path):
     from defect_detection.models.families.patchcore_family import build_module
+    from defect_detection.pipeline.builders import model_settings
 
     cfg = compose_train(tmp_path, "detector=patchcore", "detector.reweight=1")
     with pytest.raises(UserError, match="detector.reweight=1: give 0 .* >= 2"):
-        build_module(cfg, (10, 10), {})
+        build_module(model_settings(cfg), (10, 10), {})
 
 
 def _train_and_reload(root: Path, *overrides: str):
@@ -129,7 +130,7 @@ def test_good_only_train_split_trains_patchcore_and_the_classifier_says_what_fit
                                        ("detector=segmenter",)],
                          ids=["tiles", "patchcore-reweighted", "segmenter"])
 def test_every_family_and_tiles_export_to_onnx_with_parity(tmp_path, overrides):
-    from defect_detection.export import export
+    from defect_detection.pipeline.export import export
 
     cfg, result, table, predictor = _train_and_reload(tmp_path, *overrides)
     report = export(f"runs:/{result['run_id']}/model", tmp_path / "m.onnx", images=list(table.path[:4]))
@@ -144,7 +145,7 @@ def test_patchcore_builds_its_bank_from_the_frozen_eval_mode_backbone(tmp_path, 
     """Bank patches and test patches must come from the same network: BatchNorm left in train
     mode during the bank pass normalised bank patches with batch statistics and drifted the
     running ones (bottle test AUROC 0.74 instead of 1.00), and augmented goods blurred the bank."""
-    import defect_detection.train as train_mod
+    import defect_detection.pipeline.fit as train_mod
     from defect_detection.models.features import FeatureExtractor
 
     built = {}

@@ -14,9 +14,9 @@ from omegaconf import DictConfig
 
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
-from defect_detection.evaluate import evaluate
 from defect_detection.models.backbones import build_network
 from defect_detection.models.inference import Predictor, save_bundle
+from defect_detection.pipeline.evaluate import evaluate
 
 # The data of the `debug=fast` train overlay, so an eval composes the same images and split.
 FAST_DATA = ("data.image_size=64", "data.batch_size=8", "data.records.n_train_good=6",
@@ -118,7 +118,7 @@ def test_evaluate_user_errors(bundle, tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """(project root, a tiny finished training run) with the k=0 default policy."""
-    from defect_detection.train import train
+    from defect_detection.pipeline.fit import train
     from tests.conftest import compose_train
 
     root = tmp_path_factory.mktemp("repickproject")
@@ -128,7 +128,7 @@ def trained_run(tmp_path_factory):
 
 def test_repick_threshold_on_saved_val_scores_logs_a_new_run_and_model(trained_run, synthetic_root):
     from defect_detection.evaluation.thresholds import choose_threshold
-    from defect_detection.models.inference import load_predictor
+    from defect_detection.models.loading import load_predictor
 
     root, train_cfg, result = trained_run
     uri = f"runs:/{result['run_id']}/model"

@@ -213,8 +213,9 @@ def test_log_gradcam_logs_galleries_overlays_and_scores(tmp_path):
     from mlflow import MlflowClient
 
     from defect_detection.explain.report import log_gradcam
+    from defect_detection.pipeline.builders import build_datamodule, build_module
+    from defect_detection.pipeline.fit import build_logger
     from defect_detection.tracking.mlflow_run import RunTracker
-    from defect_detection.train import build_datamodule, build_logger, build_module
     from tests.conftest import compose_train
 
     cfg = compose_train(tmp_path, "explain.n_per_group=2", "explain.max_images=5")
@@ -224,7 +225,10 @@ def test_log_gradcam_logs_galleries_overlays_and_scores(tmp_path):
     pl.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False, enable_checkpointing=False,
                enable_model_summary=False).test(module, datamodule=datamodule, verbose=False)
     tracker = RunTracker.from_lightning_logger(build_logger(cfg))
-    metrics = log_gradcam(tracker, cfg, module, datamodule)
+    from defect_detection.schema import validate_train_config
+
+    settings = validate_train_config(cfg)
+    metrics = log_gradcam(tracker, settings.explain, settings.backbone, module, datamodule)
     tracker.finish()
 
     client = MlflowClient(cfg.logger.tracking_uri)
@@ -255,7 +259,7 @@ def test_log_gradcam_logs_galleries_overlays_and_scores(tmp_path):
 def test_a_real_training_run_ends_finished_with_the_gradcam_outputs(tmp_path):
     from mlflow import MlflowClient
 
-    from defect_detection.train import train
+    from defect_detection.pipeline.fit import train
     from tests.conftest import compose_train
 
     cfg = compose_train(tmp_path, "trainer.max_epochs=1", "explain.target=predicted")
@@ -278,9 +282,9 @@ def test_defect_explain_writes_one_overlay_per_image_from_a_bundle(tmp_path, syn
     from hydra import compose, initialize_config_dir
 
     from defect_detection.config import CONFIG_DIR
-    from defect_detection.explain_cmd import explain
     from defect_detection.models.backbones import build_network
     from defect_detection.models.inference import save_bundle
+    from defect_detection.pipeline.explain import explain
 
     torch.manual_seed(0)
     bundle = save_bundle(tmp_path / "bundle.pt", build_network("resnet18", pretrained=False),

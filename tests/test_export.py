@@ -12,7 +12,8 @@ import torch
 
 from defect_detection.data.records import read_mvtec
 from defect_detection.models.backbones import build_network
-from defect_detection.models.inference import Predictor, load_predictor, save_bundle
+from defect_detection.models.inference import Predictor, save_bundle
+from defect_detection.models.loading import load_predictor
 
 SIZE = 32
 BACKBONE = "resnet18"  # the quickest to export (fewest graph nodes); pretrained=False: offline
@@ -42,7 +43,7 @@ def images(synthetic_root):
 
 
 def test_onnx_matches_eager_at_batch_1_and_3(exported, images):
-    from defect_detection.export import parity
+    from defect_detection.models.exporting import parity
     from defect_detection.models.onnx_predictor import OnnxPredictor
 
     bundle, out = exported
@@ -80,17 +81,18 @@ def test_onnx_graph_has_a_dynamic_batch_axis(exported):
 
 
 def test_failed_parity_publishes_nothing(exported, tmp_path, monkeypatch):
-    from defect_detection import export as export_mod
+    from defect_detection import export as command
+    from defect_detection.models import exporting
 
     bundle, onnx_file = exported
     # reuse the exported graph (exporting again is slow); the check and the publishing are real
-    monkeypatch.setattr(export_mod, "export_onnx", 
+    monkeypatch.setattr(exporting, "export_onnx",
                         lambda predictor, out, opset=None, meta=None: shutil.copy(onnx_file, out))
     out = tmp_path / "never.onnx"
     with pytest.raises(SystemExit, match="parity failed"):
-        export_mod.main([str(bundle), "-o", str(out), "--tolerance", "-1"])
+        command.main([str(bundle), "-o", str(out), "--tolerance", "-1"])
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
-    export_mod.main([str(bundle), "-o", str(out)])  # noise images, default tolerance
+    command.main([str(bundle), "-o", str(out)])  # noise images, default tolerance
     assert out.is_file()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from defect_detection.train import train
+from defect_detection.pipeline.fit import train
 
 # 64 x 1024 plate strips; defect_scale=0.5 at image_size 64 draws spots 3-5 px across and 1 px
 # wide scratches and cracks (6-14 px long), anywhere along the strip. 56 images, 17 on test (7

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
-from defect_detection.predict import predict
+from defect_detection.pipeline.predict import predict
 from defect_detection.tracking.registry import find_candidates, promote
 from tests.conftest import wait_for_ping
 from tests.test_promote import make_bundle, make_run, tracking_uri

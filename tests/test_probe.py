@@ -20,9 +20,9 @@ from PIL import Image
 
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
-from defect_detection.predict import predict
+from defect_detection.pipeline.fit import train
+from defect_detection.pipeline.predict import predict
 from defect_detection.tracking.pyfunc import ROOTS_ENV
-from defect_detection.train import train
 from tests.conftest import compose_train, wait_for_ping
 from tests.test_predict_serve import predict_cfg
 from tests.test_promote import make_bundle, make_run, tracking_uri
@@ -54,7 +54,7 @@ def loss_store(tmp_path_factory):
 
 
 def test_promote_on_a_loss_picks_the_lowest_and_refuses_a_higher_one(loss_store):
-    from defect_detection.promote import run_promotion
+    from defect_detection.pipeline.promote import run_promotion
     from defect_detection.tracking.registry import PromotionRefused
 
     root, good, bad = loss_store
@@ -257,7 +257,7 @@ def test_val_without_defects_stops_before_training_saying_how_many_are_needed(tm
 
 
 def test_one_class_splits_log_nan_metrics_with_a_tag_and_are_not_promoted(tmp_path):
-    from defect_detection.promote import run_promotion
+    from defect_detection.pipeline.promote import run_promotion
     from defect_detection.tracking.registry import PromotionRefused
 
     cfg = _folder_cfg(tmp_path, "threshold=fixed")
@@ -303,7 +303,7 @@ def test_weights_path_at_a_non_weights_file_or_another_architecture(tmp_path):
 
 
 def test_export_checks_the_destination_before_loading_anything(tmp_path):
-    from defect_detection.export import export
+    from defect_detection.pipeline.export import export
 
     (tmp_path / "file.txt").write_text("a file")
     missing_model = tmp_path / "not-loaded.pt"  # never opened: the destination is checked first
@@ -371,7 +371,7 @@ def test_run_names_differ_although_every_run_is_seeded(cfg_factory):
 
     import pytorch_lightning as pl
 
-    from defect_detection.train import build_logger
+    from defect_detection.pipeline.fit import build_logger
 
     names, draws = [], []
     for _ in range(3):

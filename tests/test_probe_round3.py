@@ -24,7 +24,7 @@ from PIL import Image
 
 from defect_detection import UserError
 from defect_detection.config import CONFIG_DIR
-from defect_detection.train import train
+from defect_detection.pipeline.fit import train
 from tests.conftest import compose_train
 from tests.test_promote import make_bundle, make_run, tracking_uri
 
@@ -80,7 +80,7 @@ def trained(tmp_path_factory):
 
 @pytest.mark.parametrize("category", ["../../X", "/tmp/some/existing/x", "a/b", "..", "bad\x00name"])
 def test_a_category_that_would_leave_its_folder_is_refused_before_anything_is_written(tmp_path, category):
-    from defect_detection.data_cmd import data_summary
+    from defect_detection.pipeline.data_summary import data_summary
     from defect_detection.schema import validate_train_config
 
     data = _line(tmp_path / "line", 4, 3)
@@ -175,8 +175,8 @@ def test_a_live_run_cannot_be_joined_or_its_folder_reused(trained, tmp_path):
 
 
 def test_credentials_in_the_tracking_uri_are_masked_in_params_config_logs_and_summary(tmp_path):
+    from defect_detection.redact import RedactFilter, redact
     from defect_detection.tracking.mlflow_run import config_yaml, flatten
-    from defect_detection.tracking.redact import RedactFilter, redact
     from defect_detection.tracking.summary import summary_lines
 
     uri = "https://ci:hunter2@mlflow.example:443/?token=abc123&x=1"
@@ -258,7 +258,7 @@ def test_resume_after_the_data_folder_changed_is_refused_naming_the_counts(tmp_p
 
 
 def test_eval_after_images_were_added_scores_the_runs_test_split_and_names_the_new_set(trained, tmp_path):
-    from defect_detection.evaluate import evaluate
+    from defect_detection.pipeline.evaluate import evaluate
 
     base, data, cfg, result = trained
     client = MlflowClient(cfg.logger.tracking_uri)
@@ -352,7 +352,7 @@ class _Payload:
 
 
 def test_a_malicious_file_in_place_of_any_stored_model_file_never_runs(trained, tmp_path):
-    from defect_detection.models.inference import load_predictor
+    from defect_detection.models.loading import load_predictor
     from defect_detection.tracking.mlflow_run import fluent_tracking_uri
 
     base, data, cfg, result = trained
@@ -390,7 +390,7 @@ def test_a_malicious_file_in_place_of_any_stored_model_file_never_runs(trained, 
 
 
 def test_a_runs_checkpoint_carries_the_val_chosen_threshold(trained, tmp_path, caplog):
-    from defect_detection.models.inference import load_predictor
+    from defect_detection.models.loading import load_predictor
 
     base, data, cfg, result = trained
     for ckpt in Path(result["best_checkpoint"]).parent.glob("*.ckpt"):
@@ -411,7 +411,7 @@ def test_a_runs_checkpoint_carries_the_val_chosen_threshold(trained, tmp_path, c
 
 
 def test_patchcore_with_too_few_good_parts_is_refused_and_a_chance_run_is_never_promoted(tmp_path):
-    from defect_detection.promote import run_promotion
+    from defect_detection.pipeline.promote import run_promotion
     from defect_detection.tracking.registry import PromotionRefused
 
     data = _line(tmp_path / "line", n_good=5, n_defect=6)
@@ -537,7 +537,7 @@ def test_nul_bytes_and_non_utf8_names_are_one_row_error_each(trained, tmp_path, 
     import mlflow
 
     from defect_detection.data.validate import check_image
-    from defect_detection.predict import predict
+    from defect_detection.pipeline.predict import predict
     from defect_detection.tracking.mlflow_run import fluent_tracking_uri
     from tests.test_predict_serve import predict_cfg
 
@@ -572,7 +572,7 @@ def test_nul_bytes_and_non_utf8_names_are_one_row_error_each(trained, tmp_path, 
 
 
 def test_predict_checks_its_output_before_loading_or_scoring(tmp_path):
-    from defect_detection.predict import predict
+    from defect_detection.pipeline.predict import predict
     from tests.test_predict_serve import predict_cfg
 
     (tmp_path / "a-folder").mkdir()
@@ -603,7 +603,7 @@ def test_two_first_runs_create_a_new_sqlite_store_one_at_a_time(tmp_path):
 
 def test_missing_values_bad_sizes_links_and_devices_get_one_clear_line(tmp_path, trained):
     from defect_detection.data.validate import checked_image_paths
-    from defect_detection.models.inference import load_predictor
+    from defect_detection.models.loading import load_predictor
     from defect_detection.schema import validate_train_config
 
     for module, missing in (

@@ -144,7 +144,7 @@ def test_promotion_moves_champion_keeps_previous_and_refuses_a_worse_candidate(s
 
 
 def test_promote_command_on_a_sweep_with_config_names(store):
-    from defect_detection.promote import run_promotion
+    from defect_detection.pipeline.promote import run_promotion
 
     root, client, ids = store
     sweep_runs = [make_run(root, {"val/auroc": v, "val/loss": 0.1, "test/threshold": 0.3},

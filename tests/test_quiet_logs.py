@@ -103,3 +103,17 @@ def test_summary_block_names_run_ui_numbers_and_report(caplog, tmp_path):
         log_run_summary(RunTracker(), metrics, Choice())
     assert f"run: {run.info.run_id} (experiment {exp})" in caplog.text
     assert "not tracked (logger=none)" in caplog.text
+
+
+def test_patchcore_trains_without_lightnings_no_optimizer_warnings(tmp_path, caplog):
+    """PatchCore does not train by gradient, so it says so (manual optimisation, no optimizer)
+    instead of making Lightning warn at every run that configure_optimizers and training_step
+    returned None."""
+    from defect_detection.pipeline.fit import train
+    from tests.conftest import compose_train
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        train(compose_train(tmp_path, "detector=patchcore", "logger=none", "explain=none"))
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "configure_optimizers" in m or "training_step` returned" in m]

@@ -15,8 +15,9 @@ from pytorch_lightning.callbacks import Callback
 
 from defect_detection import UserError
 from defect_detection.data.records import check_records, read_folder, read_mvtec
+from defect_detection.pipeline.builders import build_datamodule
+from defect_detection.pipeline.fit import train
 from defect_detection.schema import validate_train_config
-from defect_detection.train import build_datamodule, train
 from tests.conftest import compose_train
 
 FAST = ("log_model=false", "explain=none", "log_data_summary=false", "data.categories=[disc]")

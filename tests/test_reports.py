@@ -164,7 +164,7 @@ def test_temperature_is_left_at_one_when_undefined():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from defect_detection.train import train
+    from defect_detection.pipeline.fit import train
     from tests.conftest import compose_train
 
     root = tmp_path_factory.mktemp("reportproject")
@@ -200,7 +200,7 @@ def test_training_logs_a_consistent_report(trained):
 
 
 def test_model_carries_the_logged_threshold_and_temperature(trained):
-    from defect_detection.models.inference import load_predictor
+    from defect_detection.models.loading import load_predictor
 
     cfg, result, client, folder = trained
     metrics = client.get_run(result["run_id"]).data.metrics
@@ -216,7 +216,7 @@ def test_model_carries_the_logged_threshold_and_temperature(trained):
 
 
 def test_evaluate_reproduces_the_training_report(trained):
-    from defect_detection.evaluate import evaluate
+    from defect_detection.pipeline.evaluate import evaluate
     from tests.test_evaluate import compose_eval
 
     cfg, result, client, folder = trained

@@ -11,7 +11,8 @@ import torch
 from defect_detection import UserError
 from defect_detection.data.records import read_mvtec
 from defect_detection.models.backbones import build_network
-from defect_detection.models.inference import Predictor, load_predictor, save_bundle
+from defect_detection.models.inference import Predictor, save_bundle
+from defect_detection.models.loading import load_predictor
 
 pytest.importorskip("openvino")
 
@@ -38,7 +39,7 @@ def split_images(synthetic_root):
 
 @pytest.fixture(scope="module")
 def openvino_fp32(bundle, split_images, tmp_path_factory):
-    from defect_detection.export import export
+    from defect_detection.pipeline.export import export
 
     out = tmp_path_factory.mktemp("ov") / "model.xml"
     report = export(str(bundle), out, images=split_images[1], fmt="openvino")
@@ -63,8 +64,8 @@ def test_openvino_export_writes_the_ir_with_the_meta_and_matches_eager(openvino_
 
 
 def test_openvino_reads_the_exported_onnx_too(bundle, split_images, tmp_path):
-    from defect_detection.export import export
     from defect_detection.models.openvino_predictor import OpenVinoPredictor
+    from defect_detection.pipeline.export import export
 
     onnx_file = tmp_path / "model.onnx"
     export(str(bundle), onnx_file, images=split_images[1][:4])
@@ -78,8 +79,8 @@ def test_openvino_reads_the_exported_onnx_too(bundle, split_images, tmp_path):
 
 def test_int8_is_calibrated_on_the_given_validation_images_and_gated(bundle, split_images, tmp_path,
                                                                     openvino_fp32):
-    from defect_detection.export import export
     from defect_detection.models.openvino_predictor import OpenVinoPredictor
+    from defect_detection.pipeline.export import export
 
     val, held = split_images
     out = tmp_path / "model-int8.xml"
@@ -100,7 +101,7 @@ def test_int8_is_calibrated_on_the_given_validation_images_and_gated(bundle, spl
 
 def test_int8_that_flips_a_validation_decision_is_refused_and_nothing_written(bundle, split_images,
                                                                              tmp_path, monkeypatch):
-    from defect_detection import export as export_mod
+    from defect_detection.pipeline import export as export_mod
 
     real = export_mod.parity
 
@@ -166,7 +167,7 @@ def test_predict_takes_the_exported_ir(openvino_fp32, bundle, split_images, tmp_
     from hydra import compose, initialize_config_dir
 
     from defect_detection.config import CONFIG_DIR
-    from defect_detection.predict import predict
+    from defect_detection.pipeline.predict import predict
 
     out, _ = openvino_fp32
     folder = str(split_images[1][0].rsplit("/", 2)[0])

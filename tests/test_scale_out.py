@@ -267,8 +267,8 @@ def mlflow_server(mlflow_backend, tmp_path):
 def test_train_and_promote_against_a_tracking_server(mlflow_server, mlflow_backend, tmp_path):
     import mlflow
 
-    from defect_detection.promote import run_promotion
-    from defect_detection.train import train
+    from defect_detection.pipeline.fit import train
+    from defect_detection.pipeline.promote import run_promotion
 
     experiment, model_name = f"scale-{uuid.uuid4().hex[:8]}", f"defect-{uuid.uuid4().hex[:8]}"
     server = ("logger=mlflow_server", f"logger.tracking_uri={mlflow_server}", f"experiment_name={experiment}")
@@ -308,7 +308,7 @@ def test_frozen_batchnorm_stays_in_eval_mode_while_training(cfg_factory):
     eval mode itself, else frozen BN normalises with per-batch (per-rank under DDP) statistics."""
     import pytorch_lightning as pl
 
-    from defect_detection.train import build_datamodule, build_module
+    from defect_detection.pipeline.builders import build_datamodule, build_module
 
     cfg = cfg_factory("backbone=resnet18", "backbone.pretrained=false", "freezing=head_only")
     datamodule = build_datamodule(cfg)

@@ -120,7 +120,7 @@ def test_comparison_ranks_finished_runs_and_shows_what_varies(fake_sweep):
 
 
 def test_compare_command_saves_csv_and_figure_and_logs_them_to_the_sweep(fake_sweep, tmp_path, capsys):
-    from defect_detection.compare import compare
+    from defect_detection.pipeline.compare import compare
 
     client, exp, parent, runs = fake_sweep
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -147,7 +147,7 @@ def test_compare_command_saves_csv_and_figure_and_logs_them_to_the_sweep(fake_sw
 
 def test_compare_names_a_missing_experiment_and_sweep(fake_sweep, tmp_path):
     from defect_detection import UserError
-    from defect_detection.compare import compare
+    from defect_detection.pipeline.compare import compare
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         base = [f"paths.root_dir={tmp_path}", f"out_dir={tmp_path}/x"]

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from defect_detection.train import train
+from defect_detection.pipeline.fit import train
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_logged_model_predicts_any_batch_size_with_the_logged_threshold(trained,
 
 
 def test_checkpoint_and_logged_model_decide_identically(trained, synthetic_root):
-    from defect_detection.models.inference import load_predictor
+    from defect_detection.models.loading import load_predictor
 
     cfg, result = trained
     mlflow.set_tracking_uri(cfg.logger.tracking_uri)
@@ -126,13 +126,15 @@ def test_fold_models_score_every_test_image_once_each_for_the_ensemble(tmp_path)
     from hydra.utils import instantiate
 
     from defect_detection.data.validate import screened_records
-    from defect_detection.evaluation.cross_val import ensemble_scores, fold_scores
+    from defect_detection.evaluation.cross_val import ensemble_scores
+    from defect_detection.pipeline.cross_val import fold_scores
+    from defect_detection.schema import data_settings
     from tests.conftest import compose_train
 
     cfg = compose_train(tmp_path, "threshold=cross_val", "threshold.folds=2", "explain=none",
                         "log_model=false", "log_data_summary=false", "trainer.max_epochs=1")
     oof, tests = fold_scores(cfg, score_test=True)
-    split = instantiate(cfg.split.make)(screened_records(cfg)[0])
+    split = instantiate(cfg.split.make)(screened_records(data_settings(cfg.data))[0])
     test_paths = sorted(r.path for r in split.test)
     assert set(tests.fold) == {0, 1}
     for _, g in tests.groupby("fold"):

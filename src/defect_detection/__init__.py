@@ -1,30 +1,35 @@
-"""Industrial good/defect image classification: configs in, a tracked, calibrated model out."""
+"""Industrial visual defect detection: photos of parts in; a trained, calibrated, explained and
+registered pass/fail inspector out.
 
-from pathlib import Path
+The Python API (the `defect-*` commands are thin shells over it):
 
-__version__ = "0.1.0"
+    from defect_detection import fit, evaluate, Inspector
+    result = fit("data=folder", "data.root=/lines/l3", experiment="auto")
+    inspector = Inspector.load(result.model_uri)      # or "models:/defect-classifier@champion"
+    table = inspector.predict(["part.png"])           # decision, p_defect, threshold per image
+"""
 
-GOOD, DEFECT = 0, 1
-CLASS_NAMES = ("good", "defect")
+from defect_detection.base import CLASS_NAMES, DEFECT, GOOD, UserError, __version__, project_root
+
+__all__ = ["CLASS_NAMES", "DEFECT", "GOOD", "UserError", "project_root", "__version__",
+           "fit", "evaluate", "Inspector", "FitResult"]
+
+_API = ("fit", "evaluate", "Inspector", "FitResult")
 
 
-class UserError(Exception):
-    """A problem the user can fix (bad path, bad value, missing weights); shown without traceback."""
+def __getattr__(name: str):
+    """The API is imported on first use: `import defect_detection` stays light (no torch, no MLflow)."""
+    if name in _API:
+        from defect_detection import api
 
-
-def project_root() -> Path:
-    """The checkout that holds conf/: where outputs and the MLflow store live by default."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "conf" / "train.yaml").is_file():
-            return parent
-    return Path.cwd()
+        return getattr(api, name)
+    raise AttributeError(f"module 'defect_detection' has no attribute {name!r}")
 
 
 def _quiet() -> None:
     from defect_detection.quiet import quiet_third_party
 
-    quiet_third_party()  # three known third-party messages, filtered by message and module
+    quiet_third_party()  # known third-party messages, filtered by message and module
 
 
 _quiet()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -10,13 +11,41 @@ from typing import TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from defect_detection import UserError, project_root
-from defect_detection.tracking.redact import redact
+from defect_detection.base import UserError, __version__, config_root, project_root
+from defect_detection.redact import redact
 
-CONFIG_DIR = str(project_root() / "conf")
+# The packaged configs: conf/ of the checkout, or defect_detection/conf inside an installed wheel.
+CONFIG_DIR = str(config_root())
 
 
 F = TypeVar("F", bound=Callable)
+
+
+def command(main: Callable[[], object]) -> Callable[[], object]:
+    """A console script: `--version` answers with this package's version (Hydra's own --version
+    would print Hydra's), anything else goes to the Hydra app `main`."""
+
+    @functools.wraps(main)
+    def run():
+        if "--version" in sys.argv[1:]:
+            print(version_line())
+            return None
+        return main()
+
+    return run
+
+
+def version_line() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "?"
+
+    return (f"defect-detection {__version__} (torch {of('torch')}, pytorch-lightning "
+            f"{of('pytorch-lightning')}, hydra-core {of('hydra-core')}, mlflow {of('mlflow')})")
 
 
 def exit_on_user_error(task: F) -> F:
@@ -63,8 +92,8 @@ def _cuda_available() -> bool:
 def config_dir() -> Path:
     path = Path(CONFIG_DIR)
     if not (path / "train.yaml").is_file():
-        raise RuntimeError(f"Config folder not found at {path}: install the package from its "
-                           "checkout with `pip install -e .` so conf/ sits beside src/.")
+        raise RuntimeError(f"Config folder not found at {path}: the package is incomplete; reinstall it "
+                           "(pip install defect-detection, or pip install -e . in a checkout).")
     return path
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 
 def check_destination(out: Path, label: str | None = None, what: str = "file",

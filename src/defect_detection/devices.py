@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 
 def check_device(device: str, key: str = "device") -> torch.device:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from pytorch_lightning.strategies import DDPStrategy
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 
 def check_launch(trainer: pl.Trainer) -> None:

@@ -2,48 +2,21 @@
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from defect_detection.config import CONFIG_DIR, exit_on_user_error
-
-log = logging.getLogger(__name__)
-
-
-def explain(cfg: DictConfig) -> list[Path]:
-    """Load the model, write one overlay per image and overlays.csv; returns the overlay paths."""
-    from defect_detection.data.images import DEFAULT_MAX_PIXELS, set_max_image_pixels
-    from defect_detection.explain.writer import expand_inputs, write_overlays
-    from defect_detection.models.inference import load_predictor
-
-    model = str(cfg.model)
-    if "://" in model or model.startswith(("runs:/", "models:/")):
-        import mlflow
-
-        mlflow.set_tracking_uri(cfg.tracking_uri)
-    inputs = OmegaConf.to_container(cfg.inputs) if OmegaConf.is_list(cfg.inputs) else cfg.inputs
-    paths = expand_inputs(inputs, bool(cfg.get("follow_symlinks", False)))
-    set_max_image_pixels(cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS), key="max_image_pixels")
-    predictor = load_predictor(model, device=cfg.device)
-    e = cfg.explain
-    layer = cfg.get("layer")
-    layer = OmegaConf.to_container(layer) if OmegaConf.is_list(layer) else layer
-    written = write_overlays(predictor, paths, cfg.output_dir, target=str(e.target), layer=layer,
-                             batch_size=int(e.batch_size), alpha=float(e.alpha), colormap=str(e.colormap),
-                             fusion=str(e.get("fusion", "mean")))
-    log.info("Wrote %d Grad-CAM overlays (%s class) and overlays.csv to %s", len(written), e.target,
-             cfg.output_dir)
-    return written
+from defect_detection.config import CONFIG_DIR, command, exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="explain_cmd")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    explain(cfg)
+    from defect_detection.api import explain
 
+    explain(config=cfg)
+
+
+cli = command(main)  # the console script (pyproject.toml): --version, else the Hydra app
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 _UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
 ALLOWED = "one folder-name-like word: no '/', '\\', control characters, and not '.' or '..'"

@@ -73,7 +73,7 @@ def mask_credentials_in_mlflow_logs() -> None:
     """MLflow logs through its own handler (not the root's, where Hydra's RedactFilter sits), e.g.
     "View run ... at: <tracking URI>/#/...": mask credentials there too. Called once MLflow is
     imported (tracking/mlflow_run.py), since its handler exists only from then on."""
-    from defect_detection.tracking.redact import RedactFilter
+    from defect_detection.redact import RedactFilter
 
     for handler in logging.getLogger("mlflow").handlers:
         if not any(isinstance(f, RedactFilter) for f in handler.filters):

@@ -1,24 +1,34 @@
-"""Up-front validation of the composed config: fail before any data is read or weights loaded.
+"""The composed config, validated and typed: fail before any data is read or weights loaded.
 
 Hydra already rejects unknown group options; this catches values that compose fine but cannot
 work (a negative learning rate, split fractions that leave nothing to train on, a threshold
 outside [0, 1]) and names the key, the value and the allowed range.
+
+The same models are the typed settings the parts below the pipeline take (a family gets
+ModelSettings, the data reader DataSchema, the map gallery ExplainSchema, calibration
+CalibrationSchema): a signature says what a module needs, and the whole DictConfig stays with the
+pipeline that composed it. Instantiable groups (optimizer, scheduler, data.records, split.make)
+keep their Hydra `_target_` keys; `instantiable()` hands them to hydra.utils.instantiate.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.data.geometry import size_hw
+from defect_detection.data.images import DEFAULT_MAX_PIXELS
 from defect_detection.naming import ALLOWED, name_problem
 
 
 class _Loose(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class OptimizerSchema(_Loose):
@@ -70,12 +80,15 @@ class ThresholdSchema(_Loose):
 
 
 class DataSchema(_Loose):
+    name: str = "folder"
+    root: str | None = None
     image_size: int | list[int]
     batch_size: int = Field(ge=1)
     num_workers: int = Field(default=0, ge=0)
     categories: list[str] = Field(min_length=1)
     on_bad_image: Literal["error", "skip"] = "error"
-    max_image_pixels: int | None = Field(default=None, ge=0)
+    max_image_pixels: int | None = Field(default=DEFAULT_MAX_PIXELS, ge=0)
+    records: dict = Field(default_factory=dict)  # the reader, instantiated by data/validate.py
 
     @field_validator("categories")
     @classmethod
@@ -99,11 +112,52 @@ class AutoSchema(_Loose):
 
 class BackboneSchema(_Loose):
     name: str
+    pretrained: bool = True
+    weights_path: str | None = None
     min_image_size: int = Field(default=32, ge=1)
     mean: list[float] = Field(min_length=3, max_length=3)
     std: list[float] = Field(min_length=3, max_length=3)
     channels_last: bool = False
     fold_batchnorm: bool = False
+    gradcam_layer: str | list[str] | None = None
+    stages: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class DetectorSchema(_Loose):
+    """conf/detector/: the family and its own settings (each family reads its own keys)."""
+
+    name: str = "classifier"  # models/families/ checks it against the families it knows
+    strides: list[int] = Field(default_factory=lambda: [8, 16])
+    neighbourhood: int = Field(default=3, ge=1)
+    coreset_ratio: float = Field(default=0.1, gt=0, le=1)
+    max_bank: int = Field(default=16384, ge=1)
+    reweight: int = Field(default=0, ge=0)
+    width: int = Field(default=64, ge=1)
+    frozen_stride: int = Field(default=8, ge=0)
+    pixel_loss_weight: float = Field(default=1.0, ge=0)
+    mask_fraction: float = 1.0
+
+
+class ExplainSchema(_Loose):
+    """conf/explain/: the maps a run logs of its test split."""
+
+    enabled: bool = True
+    method: str = "auto"
+    fusion: str = "mean"
+    pointing_radius_px: float = 15.0
+    pro_fpr_limit: float = 0.3
+    target: str = "defect"
+    n_per_group: int = Field(default=4, ge=0)
+    max_images: int | None = None
+    batch_size: int = Field(default=16, ge=1)
+    alpha: float = 0.5
+    colormap: str = "jet"
+
+
+class CalibrationSchema(_Loose):
+    method: str = "none"
+    n_bins: int = Field(default=10, ge=1)
+    max_iter: int = Field(default=100, ge=1)
 
 
 class LossSchema(_Loose):
@@ -154,6 +208,10 @@ class TrainSchema(_Loose):
     trainer: TrainerSchema
     input: InputSchema = InputSchema()
     auto: AutoSchema = AutoSchema()
+    detector: DetectorSchema = DetectorSchema()
+    scheduler: dict | None = None
+    explain: ExplainSchema | None = None
+    calibration: CalibrationSchema | None = None
 
     @model_validator(mode="after")
     def _image_fits_backbone(self):
@@ -209,20 +267,50 @@ def _describe_all(errors: list[dict], values: dict) -> list[str]:
     return lines
 
 
-def _validate(schema: type[BaseModel], values: dict, prefix: tuple = ()) -> None:
+def _validate(schema: type[M], values: dict, prefix: tuple = ()) -> M:
     try:
-        schema.model_validate(values)
+        return schema.model_validate(values)
     except ValidationError as err:
         errors = [{**e, "loc": (*prefix, *e["loc"])} for e in err.errors()]
         lines = _describe_all(errors, {prefix[0]: values} if prefix else values)
         raise UserError("Invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 
-def validate_train_config(cfg: DictConfig) -> None:
-    """Raise one UserError listing every invalid value of a composed train config."""
-    _validate(TrainSchema, OmegaConf.to_container(cfg, resolve=True))
+def validate_train_config(cfg: DictConfig) -> TrainSchema:
+    """The typed settings of a composed train config, or one UserError listing every invalid value."""
+    return _validate(TrainSchema, OmegaConf.to_container(cfg, resolve=True))
 
 
-def validate_data_config(data: DictConfig) -> None:
+def validate_data_config(data: DictConfig) -> DataSchema:
     """The data group alone (defect-data, defect-eval): the same rules as training."""
-    _validate(DataSchema, OmegaConf.to_container(data, resolve=True), ("data",))
+    return _validate(DataSchema, OmegaConf.to_container(data, resolve=True), ("data",))
+
+
+def data_settings(data: DictConfig | DataSchema) -> DataSchema:
+    return data if isinstance(data, DataSchema) else validate_data_config(data)
+
+
+class ModelSettings(BaseModel):
+    """What a detector family builds its module from (models/families/)."""
+
+    model_config = ConfigDict(extra="forbid")
+    backbone: BackboneSchema
+    detector: DetectorSchema
+    freezing: FreezingSchema
+    loss: LossSchema
+    optimizer: OptimizerSchema
+    scheduler: dict | None = None
+    input: InputSchema = InputSchema()
+    seed: int = 0
+
+    @classmethod
+    def of(cls, train: TrainSchema) -> ModelSettings:
+        return cls(backbone=train.backbone, detector=train.detector, freezing=train.freezing, loss=train.loss,
+                   optimizer=train.optimizer, scheduler=train.scheduler, input=train.input, seed=train.seed)
+
+
+def instantiable(section: BaseModel | dict | None) -> dict | None:
+    """A typed section with its Hydra `_target_` keys, as hydra.utils.instantiate takes it."""
+    if section is None:
+        return None
+    return section.model_dump() if isinstance(section, BaseModel) else dict(section)

@@ -24,8 +24,8 @@ def compose_train(overrides: Sequence[str]) -> DictConfig:
 def run_auto_recipe(cfg: DictConfig, user_overrides: Sequence[str]) -> dict:
     """`user_overrides`: what the user typed (Hydra's task overrides); each candidate adds its own
     and writes under <output_dir>/<candidate>."""
+    from defect_detection.pipeline.fit import train
     from defect_detection.schema import validate_train_config
-    from defect_detection.train import train
 
     validate_train_config(cfg)  # e.g. auto.budget_minutes <= 0, before any candidate
     out = Path(cfg.paths.output_dir)
@@ -34,4 +34,4 @@ def run_auto_recipe(cfg: DictConfig, user_overrides: Sequence[str]) -> dict:
     def compose_one(label: str, overrides: list[str]) -> DictConfig:
         return compose_train([*overrides, f"run_name={label}", f"paths.output_dir={out / label}"])
 
-    return run_auto(cfg, base, train, compose_one)
+    return run_auto(cfg, base, lambda c_cfg: train(c_cfg, base), compose_one)

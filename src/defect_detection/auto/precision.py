@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.models.families import family
 from defect_detection.models.inference import bf16_supported
 

@@ -27,13 +27,14 @@ import pandas as pd
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from defect_detection import UserError
 from defect_detection.auto.candidates import Candidate, candidates
 from defect_detection.auto.precision import describe, precision_overrides
 from defect_detection.auto.profile import DataProfile, profile_split
+from defect_detection.base import UserError
 from defect_detection.data.geometry import size_hw
 from defect_detection.data.summary import markdown_table
 from defect_detection.data.validate import screened_records
+from defect_detection.schema import data_settings
 from defect_detection.tracking.comparison import ROLE_TAG
 from defect_detection.tracking.mlflow_run import ensure_local_store, get_or_create_experiment, stop_signal
 
@@ -240,7 +241,7 @@ def run_auto(
     auto = cfg.auto
     began = time.perf_counter()
     budget_s = 60.0 * float(auto.budget_minutes)
-    records, _ = screened_records(cfg)
+    records, _ = screened_records(data_settings(cfg.data))
     profile: DataProfile = profile_split(instantiate(cfg.split.make)(records))
     size = max(size_hw(cfg.data.image_size))
     todo = candidates(

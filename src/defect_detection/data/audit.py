@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image
 
-from defect_detection import DEFECT, GOOD
+from defect_detection.base import DEFECT, GOOD
 from defect_detection.data.hashing import file_sha256
 from defect_detection.data.records import ImageRecord
 from defect_detection.data.splits import duplicate_groups

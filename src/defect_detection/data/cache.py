@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.data.geometry import Geometry, Square, header_hw, size_hw
 from defect_detection.data.images import load_rgb
 from defect_detection.data.records import ImageRecord

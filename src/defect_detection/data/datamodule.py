@@ -13,7 +13,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
-from defect_detection import DEFECT, GOOD
+from defect_detection.base import DEFECT, GOOD
 from defect_detection.data.cache import as_geometry, cached_images
 from defect_detection.data.geometry import Geometry
 from defect_detection.data.records import ImageRecord

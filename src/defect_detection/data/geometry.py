@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from defect_detection import UserError
+from defect_detection.base import UserError
+from defect_detection.data.images import BadImageError, load_rgb
 
 # Mid-grey: (128/255 - 0.498) / 0.502 ~ 0 after the backbones' normalisation, so padding adds no
 # edge a detector could mistake for a defect.
@@ -305,8 +307,6 @@ _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 def header_hw(path: str) -> tuple[int, int]:
     """(h, w) of the image as load_rgb returns it, without decoding the pixels."""
-    from defect_detection.data.images import BadImageError
-
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -317,3 +317,8 @@ def header_hw(path: str) -> tuple[int, int]:
     except (OSError, ValueError) as err:
         raise BadImageError(path, f"cannot read the image header ({err})") from None
     return (w, h) if orientation in _TRANSPOSED else (h, w)
+
+
+def load_resized(path: str | Path, size: int | tuple[int, int]) -> np.ndarray:
+    """HxWx3 uint8 array of the image resized to size x size (the square geometry)."""
+    return Square(size=size_hw(size)).prepare(load_rgb(path))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 # PIL's own default: about 89.5 million pixels (a 9459 x 9459 image, ~268 MB as RGB).
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -167,10 +167,3 @@ def verify_image(path: str | Path) -> None:
             im.load()
         else:
             _to_rgb(im)
-
-
-def load_resized(path: str | Path, size: int | tuple[int, int]) -> np.ndarray:
-    """HxWx3 uint8 array of the image resized to size x size (the square geometry)."""
-    from defect_detection.data.geometry import Square, size_hw
-
-    return Square(size=size_hw(size)).prepare(load_rgb(path))

@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from defect_detection import CLASS_NAMES, DEFECT, UserError
+from defect_detection.base import CLASS_NAMES, DEFECT, UserError
 from defect_detection.data.images import load_rgb
 from defect_detection.data.records import ImageRecord
 

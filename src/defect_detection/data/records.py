@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from defect_detection import DEFECT, GOOD, UserError
+from defect_detection.base import DEFECT, GOOD, UserError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from defect_detection import DEFECT, UserError
+from defect_detection.base import DEFECT, UserError
 from defect_detection.data.hashing import file_sha256
 from defect_detection.data.records import ImageRecord
 
@@ -110,9 +110,11 @@ def stratified_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
     if n_dup:
         log.warning("%d groups of identical files (same content hash) were each kept in one split; "
                     "see the data audit for their paths.", n_dup)
+    notes = []
     if max_train_defects is not None:
         out["train"] = _limit_train_defects(out["train"], int(max_train_defects), seed)
-    split = Split(**out)
+        notes.append(f"split.make.max_train_defects={int(max_train_defects)}")
+    split = Split(**out, notes=notes)
     _check_nonempty(split)
     return split
 

@@ -19,9 +19,9 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.data import Dataset
 
-from defect_detection import CLASS_NAMES
+from defect_detection.base import CLASS_NAMES
 from defect_detection.data.audit import AuditWarning, audit_records
-from defect_detection.data.images import load_resized
+from defect_detection.data.geometry import load_resized
 from defect_detection.data.previews import (
     augmented_batch_figure,
     class_balance_figure,

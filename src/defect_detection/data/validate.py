@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from omegaconf import DictConfig
 from rich.progress import Progress
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.data.images import DEFAULT_MAX_PIXELS, BadImageError, set_max_image_pixels, verify_image
 from defect_detection.data.records import IMAGE_SUFFIXES, ImageRecord, check_records, records_from_config
 from defect_detection.naming import printable, utf8_problem
+from defect_detection.schema import DataSchema
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,13 @@ def screen_records(records: Sequence[ImageRecord], on_bad_image: OnBadImage = "e
     return kept, bad
 
 
-def screened_records(cfg: DictConfig) -> tuple[list[ImageRecord], list[BadImage]]:
+def screened_records(data: DataSchema) -> tuple[list[ImageRecord], list[BadImage]]:
     """The records exactly as training sees them: read, checked, bad files handled per
     data.on_bad_image. Every command that re-creates train's split (evaluate, the data summary)
     must start here: a file skipped in one place but not the other shifts the whole split."""
-    records = records_from_config(cfg.data.records)
-    check_records(records, str(cfg.data.root))
-    return screen_records(records, cfg.data.get("on_bad_image", "error"),
-                          cfg.data.get("max_image_pixels", DEFAULT_MAX_PIXELS), f"data.root={cfg.data.root}")
+    records = records_from_config(data.records)
+    check_records(records, str(data.root))
+    return screen_records(records, data.on_bad_image, data.max_image_pixels, f"data.root={data.root}")
 
 
 def bad_images_frame(bad: Sequence[BadImage]) -> pd.DataFrame:

@@ -111,7 +111,7 @@ def calibrate(method: str, logits: torch.Tensor, labels: torch.Tensor, *, n_bins
               max_iter: int = 100) -> Calibration:
     """Fit the chosen calibration on (validation) logits and measure ECE/NLL before and after."""
     if method not in METHODS:
-        from defect_detection import UserError
+        from defect_detection.base import UserError
 
         raise UserError(f"calibration.method={method!r} is unknown; choose one of {list(METHODS)}.")
     before = {"ece": ece(probabilities(logits), labels, n_bins), "nll": nll(logits, labels)}
@@ -122,38 +122,3 @@ def calibrate(method: str, logits: torch.Tensor, labels: torch.Tensor, *, n_bins
     for w in warnings:
         log.warning("calibration: %s", w)
     return Calibration(method, t, before, after, warnings)
-
-
-def calibrate_module(cfg, module, tracker, stage: str = "val") -> Calibration | None:
-    """Fit `cfg.method` on module.outputs[stage], set the module's temperature, recompute the
-    stage's p_defect with it (what the threshold is then chosen on) and log the before/after."""
-    method = (cfg or {}).get("method", "none") if cfg is not None else "none"
-    if method == "none":
-        return None
-    out = module.outputs[stage]
-    result = calibrate(method, out["logits"], out["label"], n_bins=int(cfg.get("n_bins", 10)),
-                       max_iter=int(cfg.get("max_iter", 100)))
-    module.set_temperature(result.temperature)
-    out["p_defect"] = probabilities(out["logits"], result.temperature)
-    if tracker is not None and tracker.enabled:
-        from defect_detection.evaluation.figures import reliability_figure
-
-        tracker.log_metrics({"calibration/temperature": result.temperature,
-                             f"{stage}/ece_uncalibrated": result.before["ece"],
-                             f"{stage}/ece": result.after["ece"],
-                             f"{stage}/nll_uncalibrated": result.before["nll"],
-                             f"{stage}/nll": result.after["nll"]})
-        tracker.set_tags({"calibration": method, "calibration_fitted_on": stage})
-        if result.warnings:
-            tracker.set_tags({"calibration_warnings": " | ".join(result.warnings)})
-        tracker.log_dict({"method": method, "temperature": result.temperature, "fitted_on": stage,
-                          "before": result.before, "after": result.after, "warnings": result.warnings},
-                         f"reports/calibration_{stage}.json")
-        curves = {"uncalibrated": probabilities(out["logits"]),
-                  f"T = {result.temperature:.3g}": out["p_defect"]}
-        fig = reliability_figure(curves, out["label"], n_bins=int(cfg.get("n_bins", 10)),
-                                 title=f"Reliability on {stage} (temperature fitted here)")
-        tracker.log_figure(fig, f"reports/reliability_{stage}.png")
-    log.info("calibration: T=%.4f fitted on %s, ECE %.4f -> %.4f, NLL %.4f -> %.4f", result.temperature,
-             stage, result.before["ece"], result.after["ece"], result.before["nll"], result.after["nll"])
-    return result

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from defect_detection import CLASS_NAMES, UserError
-from defect_detection.data.images import load_resized
+from defect_detection.base import CLASS_NAMES, UserError
+from defect_detection.data.geometry import load_resized
 
 
 def outcomes(label: np.ndarray, pred: np.ndarray) -> np.ndarray:

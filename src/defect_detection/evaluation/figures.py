@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from defect_detection import CLASS_NAMES
+from defect_detection.base import CLASS_NAMES
 
 GOOD_COLOR, DEFECT_COLOR, THRESHOLD_COLOR = "tab:blue", "tab:red", "black"
 

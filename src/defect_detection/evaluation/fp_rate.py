@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 ESTIMATORS = ("normal", "robust_normal", "bootstrap", "exp_tail")
 TAIL_FRACTION = 0.25  # exp_tail: the share of the highest val-good scores the tail is fitted to

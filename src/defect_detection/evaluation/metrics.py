@@ -17,8 +17,6 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
-from defect_detection.tracking.mlflow_run import UNDEFINED_TAG
-
 
 def decision_metrics(prefix: str) -> MetricCollection:
     """Metrics of hard decisions (fed 0/1 predictions made at the stage's threshold)."""
@@ -74,13 +72,3 @@ def separation_margin(log_odds: torch.Tensor, labels: torch.Tensor) -> float:
     if len(good) == 0 or len(defect) == 0:
         return float("nan")
     return float(defect.min() - good.max())
-
-
-def tag_undefined_metrics(tracker, metrics: Mapping[str, float]) -> list[str]:
-    """Tag the run with its undefined (NaN) metrics and warn: promotion refuses such a run."""
-    names = undefined_metrics(metrics)
-    if names:
-        log.warning("Undefined metrics (a split holds a single class): %s. They are logged as NaN; "
-                    "the run is tagged %s and will not be promoted.", ", ".join(names), UNDEFINED_TAG)
-        tracker.set_tags({UNDEFINED_TAG: ", ".join(names)})
-    return names

@@ -15,6 +15,7 @@ import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,12 +27,14 @@ from torchmetrics.functional.classification import (
     binary_roc,
 )
 
-from defect_detection import CLASS_NAMES, UserError
+from defect_detection.base import CLASS_NAMES, UserError
 from defect_detection.data.records import ImageRecord
 from defect_detection.evaluation import errors, figures
 from defect_detection.evaluation.calibration import ece, probabilities
 from defect_detection.evaluation.thresholds import ThresholdChoice, counts_at
-from defect_detection.tracking.mlflow_run import RunTracker
+
+if TYPE_CHECKING:  # a tracker is handed in; evaluation does not depend on tracking
+    from defect_detection.tracking.mlflow_run import RunTracker
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.data.records import ImageRecord
 
 SCORE_COLUMNS = ["path", "category", "defect_type", "label", "p_defect", "log_odds"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.data.splits import stratum_counts
 from defect_detection.evaluation.fp_rate import fp_rate_threshold, fp_rate_upper_bound, logit
 

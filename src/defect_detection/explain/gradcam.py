@@ -21,7 +21,7 @@ from captum.attr import LayerAttribution
 from omegaconf import OmegaConf
 from torch import nn
 
-from defect_detection import DEFECT, GOOD, UserError
+from defect_detection.base import DEFECT, GOOD, UserError
 
 TARGETS = ("defect", "predicted", "good")
 FUSIONS = ("mean", "product")

@@ -12,7 +12,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageFilter
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 
 def denormalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

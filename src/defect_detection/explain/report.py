@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig
 
-from defect_detection import CLASS_NAMES, DEFECT, UserError
+from defect_detection.base import CLASS_NAMES, DEFECT, UserError
 from defect_detection.data.cache import prepared_mask
 from defect_detection.data.geometry import header_hw
 from defect_detection.explain.gradcam import (
@@ -32,6 +31,7 @@ from defect_detection.explain.gradcam import (
 from defect_detection.explain.localisation import localisation_scores
 from defect_detection.explain.overlay import denormalise, gallery, overlay, save_png
 from defect_detection.naming import file_safe
+from defect_detection.schema import BackboneSchema, ExplainSchema
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,17 @@ def _select(records, p: dict[int, float], threshold: float, n_per_group: int, ma
     return dict(sorted(groups.items())), wrong[:max_images] if max_images else wrong, masked
 
 
-def check_gradcam_config(cfg: DictConfig, net) -> None:
+def check_gradcam_config(ecfg: ExplainSchema | None, backbone: BackboneSchema, net) -> None:
     """Before training: the Grad-CAM layer and target that log_gradcam will use after it exist."""
-    ecfg = cfg.get("explain")
-    if not ecfg or not ecfg.get("enabled", True):
+    if not ecfg or not ecfg.enabled:
         return
-    if map_method(net, ecfg.get("method", "auto")) != "gradcam" or not cfg.backbone.get("gradcam_layer"):
+    if map_method(net, ecfg.method) != "gradcam" or not backbone.gradcam_layer:
         return
-    for layer in layer_names(cfg.backbone.gradcam_layer):
+    for layer in layer_names(backbone.gradcam_layer):
         resolve_layer(net, layer)
-    if str(ecfg.target) not in TARGETS:
+    if ecfg.target not in TARGETS:
         raise UserError(f"explain.target={ecfg.target} is not one of {list(TARGETS)}.")
-    if str(ecfg.get("fusion", "mean")) not in FUSIONS:
+    if ecfg.fusion not in FUSIONS:
         raise UserError(f"explain.fusion={ecfg.fusion} is not one of {list(FUSIONS)}.")
 
 
@@ -90,27 +89,27 @@ def original_resolution_scores(prepared_maps: dict[int, torch.Tensor], records, 
     return localisation_scores(maps, masks, radius_px=radius_px, fpr_limit=fpr_limit)
 
 
-def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test") -> dict[str, float]:
+def log_gradcam(tracker, ecfg: ExplainSchema | None, backbone: BackboneSchema, module, datamodule,
+                stage: str = "test") -> dict[str, float]:
     """Compute and log the Grad-CAM outputs of `stage`; returns the metrics logged ({} when off)."""
-    ecfg = cfg.get("explain")
     outputs = module.outputs.get(stage)
-    if not tracker.enabled or not ecfg or not ecfg.get("enabled", True) or not outputs:
+    if not tracker.enabled or not ecfg or not ecfg.enabled or not outputs:
         return {}
-    method = map_method(module.net, ecfg.get("method", "auto"))
-    if method == "gradcam" and not cfg.backbone.get("gradcam_layer"):
+    method = map_method(module.net, ecfg.method)
+    if method == "gradcam" and not backbone.gradcam_layer:
         log.warning("backbone %s names no gradcam_layer: Grad-CAM skipped (add e.g. gradcam_layer: "
-                    "net.layer4 to its config)", cfg.backbone.get("name"))
+                    "net.layer4 to its config)", backbone.name)
         return {}
     records, dataset = datamodule.records(stage), datamodule.datasets[stage]
     p = dict(zip(outputs["index"].tolist(), outputs["p_defect"].tolist()))
     threshold = float(module.threshold)
     temperature = float(getattr(module, "temperature", 1.0))  # "predicted" decides as the test did
-    groups, wrong, masked = _select(records, p, threshold, int(ecfg.n_per_group), ecfg.get("max_images"))
+    groups, wrong, masked = _select(records, p, threshold, ecfg.n_per_group, ecfg.max_images)
     shown = list(dict.fromkeys([i for g in groups.values() for i in g] + wrong))
-    target, bs = str(ecfg.target), int(ecfg.batch_size)
-    layer = layer_names(cfg.backbone.get("gradcam_layer"))
-    fusion = str(ecfg.get("fusion", "mean"))
-    mean, std = list(cfg.backbone.mean), list(cfg.backbone.std)
+    target, bs = ecfg.target, ecfg.batch_size
+    layer = layer_names(backbone.gradcam_layer)
+    fusion = ecfg.fusion
+    mean, std = list(backbone.mean), list(backbone.std)
 
     timing = [0.0, 0]  # seconds, maps
     what = f"Grad-CAM ({target} class)" if method == "gradcam" else "anomaly map (patch distances)"
@@ -153,8 +152,7 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
     if masked:
         scores, per_image = original_resolution_scores(
             {i: defect_prepared[i] for i in masked}, records, geometry, hw_of,
-            radius_px=float(ecfg.get("pointing_radius_px", 15)),
-            fpr_limit=float(ecfg.get("pro_fpr_limit", 0.3)))
+            radius_px=ecfg.pointing_radius_px, fpr_limit=ecfg.pro_fpr_limit)
         if scores.n_images:
             metrics.update(scores.metrics(f"{stage}/"))
         rows = [{"path": records[i].path, "category": records[i].category,
@@ -163,7 +161,7 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
 
     def tile(i: int):
         image = denormalise(content(i, dataset[i][0])[None], mean, std)[0]
-        return overlay(image, cams[i].numpy(), float(ecfg.alpha), str(ecfg.colormap),
+        return overlay(image, cams[i].numpy(), ecfg.alpha, ecfg.colormap,
                        masks[i].numpy() if i in masks else None)
 
     def caption(i: int) -> str:
@@ -172,7 +170,7 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        max_images = ecfg.get("max_images")
+        max_images = ecfg.max_images
         tiles = {i: tile(i) for i in shown}
         for i in shown[:max_images] if max_images else shown:
             r = records[i]
@@ -180,7 +178,7 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
             save_png(tiles[i], tmp / "images" / file_safe(r.category) / file_safe(r.defect_type) / name)
         if shown:
             tracker.log_artifact(tmp / "images", "gradcam")
-        ncols = max(1, int(ecfg.n_per_group))
+        ncols = max(1, ecfg.n_per_group)
         if groups:
             cells = [i for g in groups.values() for i in g + [None] * (ncols - len(g))]
             fig = gallery([tiles[i] if i is not None else None for i in cells],
@@ -199,8 +197,8 @@ def log_gradcam(tracker, cfg: DictConfig, module, datamodule, stage: str = "test
     tracker.log_dict({"stage": stage, "method": method,
                       "layer": ", ".join(layer) if method == "gradcam" else None,
                       "fusion": fusion if method == "gradcam" and len(layer) > 1 else None, "target": target,
-                      "pointing_radius_px": float(ecfg.get("pointing_radius_px", 15)),
-                      "pro_fpr_limit": float(ecfg.get("pro_fpr_limit", 0.3)), "resolution": "original",
+                      "pointing_radius_px": ecfg.pointing_radius_px, "pro_fpr_limit": ecfg.pro_fpr_limit,
+                      "resolution": "original",
                       "localisation_target": "defect",
                       "threshold": threshold, "n_gallery_defects": sum(map(len, groups.values())),
                       "n_misclassified": len(wrong), "n_masked": len(masked), "metrics": metrics},

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from defect_detection import CLASS_NAMES, UserError
+from defect_detection.base import CLASS_NAMES, UserError
 from defect_detection.data.validate import checked_image_paths
 from defect_detection.explain.gradcam import geometry_cams, gradcam_layer_for
 from defect_detection.explain.overlay import denormalise, overlay, save_png

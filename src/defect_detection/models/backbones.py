@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.models.safe_load import safe_torch_load
 
 NUM_CLASSES = 2

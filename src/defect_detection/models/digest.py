@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:

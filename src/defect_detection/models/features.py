@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.models.backbones import build_network
 
 # Which feature of each architecture has which stride: timm feature indices for the

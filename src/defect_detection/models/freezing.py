@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 
 def resolve_trainable(net: nn.Module, trainable: str | Sequence[str],

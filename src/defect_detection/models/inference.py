@@ -15,17 +15,15 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from defect_detection import CLASS_NAMES, UserError
+from defect_detection.base import CLASS_NAMES, UserError
 from defect_detection.data.geometry import Geometry, build_geometry, header_hw
 from defect_detection.data.images import load_rgb
-from defect_detection.devices import check_device
 from defect_detection.models.aggregation import image_logits
 from defect_detection.models.batchnorm_folding import fold_batchnorm
 from defect_detection.models.checkpointing import DIGEST_KEY, OWNER_KEY
 from defect_detection.models.digest import state_digest, verify_digest
 from defect_detection.models.families import family
 from defect_detection.models.safe_load import safe_torch_load
-from defect_detection.models.store import fetched_bundle, is_store_uri
 
 log = logging.getLogger(__name__)
 
@@ -273,47 +271,3 @@ class Predictor(BasePredictor):
         if folded is None or next(folded.parameters()).device != next(self.net.parameters()).device:
             folded = self.__dict__["_folded"] = fold_batchnorm(self.net)  # keeps net's memory format
         return folded
-
-
-RUNTIMES = ("auto", "torch", "onnx", "openvino")
-EXPORTED = {".onnx": "onnx", ".xml": "openvino"}
-
-
-def load_predictor(source: str | Path, device: str = "cpu", *, bf16: bool = False,
-                   batch_size: int = 32, runtime: str = "auto") -> BasePredictor:
-    """A predictor from a bundle (.pt), a checkpoint (.ckpt), an MLflow model URI (runs:/,
-    models:/) or an exported model (.onnx: ONNX Runtime; .xml: OpenVINO; `defect-export`).
-
-    runtime: auto (by what `source` is), torch, onnx or openvino. A PyTorch source asked to run
-    on onnx/openvino is exported in memory (fp32, parity-checked against eager first), so it
-    decides as evaluation did; int8 artefacts come from `defect-export --quantize int8`.
-    """
-    text = str(source)
-    check_device(device)
-    if runtime not in RUNTIMES:
-        raise UserError(f"runtime={runtime}: use one of {', '.join(RUNTIMES)}.")
-    suffix = Path(text).suffix.lower() if "://" not in text else ""
-    if suffix in EXPORTED:
-        kind = EXPORTED[suffix]
-        runtime = kind if runtime == "auto" else runtime
-        if runtime == "torch" or (kind == "openvino" and runtime == "onnx"):
-            raise UserError(f"{source} is an exported {kind} model: it runs with runtime="
-                            f"{'onnx or openvino' if kind == 'onnx' else 'openvino'} (or auto); "
-                            "runtime=torch needs the bundle, checkpoint or MLflow model.")
-        if runtime == "openvino":
-            from defect_detection.models.openvino_predictor import OpenVinoPredictor
-
-            return OpenVinoPredictor(source, batch_size=batch_size)
-        from defect_detection.models.onnx_predictor import OnnxPredictor
-
-        return OnnxPredictor(source, batch_size=batch_size)
-    if is_store_uri(text):  # the bundle alone: nothing stored with the model is run
-        with fetched_bundle(text) as bundle:
-            predictor = Predictor(bundle, device=device, batch_size=batch_size, bf16=bf16)
-    else:
-        predictor = Predictor(source, device=device, batch_size=batch_size, bf16=bf16)
-    if runtime in ("auto", "torch") or not isinstance(predictor, Predictor):
-        return predictor
-    from defect_detection.export import exported_predictor
-
-    return exported_predictor(predictor, runtime)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 
 def class_weights(weights: str | Sequence[float] | None, counts: tuple[int, int]) -> torch.Tensor | None:

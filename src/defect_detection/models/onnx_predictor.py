@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.models.inference import BasePredictor
 
 META_KEY = "defect_meta"

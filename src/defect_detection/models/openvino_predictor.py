@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.models.inference import BasePredictor
 from defect_detection.models.onnx_predictor import INPUT_NAME, LOGITS_NAME, META_KEY
 

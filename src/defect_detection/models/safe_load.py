@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 
 def why_unloadable(err: BaseException) -> str:

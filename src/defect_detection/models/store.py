@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 STORE_SCHEMES = ("runs:/", "models:/")
 

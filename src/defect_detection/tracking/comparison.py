@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 ROLE_TAG = "run_role"  # "sweep" on parent runs, "comparison" on defect-compare runs; absent on trials
 DEFAULT_METRICS = ("val/auroc", "val/loss", "test/auroc", "test/recall", "test/fp", "test/threshold")

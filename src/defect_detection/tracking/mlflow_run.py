@@ -16,12 +16,15 @@ from urllib.parse import urlparse
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from defect_detection import project_root
+from defect_detection.base import project_root
 from defect_detection.quiet import mask_credentials_in_mlflow_logs
-from defect_detection.tracking.redact import redact, redact_value
+from defect_detection.redact import redact, redact_value
 
 log = logging.getLogger(__name__)
 mask_credentials_in_mlflow_logs()
+# MLflow writes "View run ... at: <tracking URI>/#/..." straight to stdout when a run on a server
+# ends, password included; the run summary prints the same link with credentials masked.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 # Run tag listing metrics that are undefined (NaN) because a split held one class; promotion refuses it.
 UNDEFINED_TAG = "undefined_metrics"
@@ -283,3 +286,15 @@ def stop_signal(error: BaseException) -> str | None:
     if isinstance(error, (KeyboardInterrupt, SystemExit)):
         return "SIGINT (Ctrl-C)"
     return None
+
+
+def tag_undefined_metrics(tracker, metrics: Mapping[str, float]) -> list[str]:
+    """Tag the run with its undefined (NaN) metrics and warn: promotion refuses such a run."""
+    from defect_detection.evaluation.metrics import undefined_metrics
+
+    names = undefined_metrics(metrics)
+    if names:
+        log.warning("Undefined metrics (a split holds a single class): %s. They are logged as NaN; "
+                    "the run is tagged %s and will not be promoted.", ", ".join(names), UNDEFINED_TAG)
+        tracker.set_tags({UNDEFINED_TAG: ", ".join(names)})
+    return names

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "pillow", "pandas", "numpy", "mlflow"]
 ROOTS_ENV = "DEFECT_SERVE_ROOTS"
@@ -92,7 +92,7 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
     `note` when an image had to be adapted, e.g. upscaled to fit a tile)."""
 
     def load_context(self, context) -> None:
-        from defect_detection.models.inference import load_predictor
+        from defect_detection.models.loading import load_predictor
 
         config = getattr(context, "model_config", None) or {}
         runtime = config.get("runtime") or "torch"

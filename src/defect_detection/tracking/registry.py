@@ -21,7 +21,7 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.tracking.comparison import metric_value, runs_with_models, sign
 from defect_detection.tracking.mlflow_run import UNDEFINED_TAG, fluent_tracking_uri
 

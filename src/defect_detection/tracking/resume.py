@@ -12,6 +12,7 @@ import json
 import logging
 import shlex
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.data.fingerprint import ARTIFACT as FINGERPRINT
 from defect_detection.data.fingerprint import compare
 from defect_detection.models.checkpointing import DIGEST_KEY, OWNER_KEY
@@ -186,9 +187,10 @@ def launch_overrides() -> list[str]:
     return [str(o) for o in HydraConfig.get().overrides.task]
 
 
-def tag_overrides(tracker: RunTracker) -> None:
-    """Record the overrides a fresh run started with, for the resume hint."""
-    tracker.set_tags({OVERRIDES_TAG: json.dumps(launch_overrides())})
+def tag_overrides(tracker: RunTracker, overrides: Sequence[str] | None = None) -> None:
+    """Record the overrides a fresh run started with (default: the command line's), for the resume hint."""
+    words = launch_overrides() if overrides is None else [str(o) for o in overrides]
+    tracker.set_tags({OVERRIDES_TAG: json.dumps(words)})
 
 
 def resume_command(run_id: str, overrides: list[str]) -> str:

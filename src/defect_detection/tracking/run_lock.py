@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pytorch_lightning.callbacks import Callback
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 
 LOCK_NAME = ".run.lock"
 HEARTBEAT_S = 30.0

@@ -7,8 +7,8 @@ import math
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
-from defect_detection import project_root
-from defect_detection.tracking.redact import redact
+from defect_detection.base import project_root
+from defect_detection.redact import redact
 
 log = logging.getLogger("defect_detection.summary")
 UI_HOST, UI_PORT = "127.0.0.1", 5000

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.data.datamodule import Batch
 from defect_detection.models.features import FeatureExtractor
 from defect_detection.models.module import DetectorModule, _as_batch
@@ -175,6 +175,9 @@ class PatchCoreModule(DetectorModule):
         super().__init__(net, None, None, None, (), mean, std, 0.5, channels_last, meta, fold_batchnorm,
                          aggregate)
         self.coreset_ratio, self.max_bank, self.seed = float(coreset_ratio), int(max_bank), int(seed)
+        # nothing is trained by gradient: no optimizer, no loss, no backward (Lightning then neither
+        # warns that configure_optimizers returned None nor that training_step returned None)
+        self.automatic_optimization = False
         self._pool: list[torch.Tensor] = []
         self._pool_images: list[int] = []  # patches per collected network input
         self._ignored_defects = 0
@@ -274,4 +277,4 @@ class PatchCoreModule(DetectorModule):
         checkpoint["defect_meta"]["bank_size"] = int(self.net.bank.shape[0])
 
     def configure_optimizers(self):
-        return None
+        return []  # the one pass over the good parts builds the bank (training_step collects)

@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.data.splits import Split
-from defect_detection.models.families import Family
+from defect_detection.models.families.contract import Family
 from defect_detection.models.families.patchcore import PatchCoreModule, PatchCoreNet
+from defect_detection.schema import ModelSettings
 
 
-def build_module(cfg: DictConfig, class_counts: tuple[int, int], meta: dict) -> PatchCoreModule:
-    bb, det = cfg.backbone, cfg.detector
-    strides = [int(s) for s in det.strides]
-    reweight = int(det.get("reweight", 0))
+def build_module(s: ModelSettings, class_counts: tuple[int, int], meta: dict) -> PatchCoreModule:
+    bb, det = s.backbone, s.detector
+    strides = list(det.strides)
+    reweight = det.reweight
     if reweight == 1 or reweight < 0:
         raise UserError(f"detector.reweight={reweight}: give 0 (the plain largest patch distance) or the "
                         "number of bank neighbours for PatchCore's re-weighting, >= 2 (the paper uses 9).")
-    meta.update({"strides": strides, "neighbourhood": int(det.neighbourhood), "reweight": reweight})
-    net = PatchCoreNet(bb.name, strides, bb.pretrained, bb.weights_path, int(det.neighbourhood),
-                       reweight=reweight)
-    return PatchCoreModule(net, bb.mean, bb.std, float(det.coreset_ratio), int(det.max_bank),
-                           channels_last=bool(bb.get("channels_last", False)), meta=meta,
-                           fold_batchnorm=bool(bb.get("fold_batchnorm", False)),
-                           aggregate=meta.get("aggregate"), seed=int(cfg.seed))
+    meta.update({"strides": strides, "neighbourhood": det.neighbourhood, "reweight": reweight})
+    net = PatchCoreNet(bb.name, strides, bb.pretrained, bb.weights_path, det.neighbourhood, reweight=reweight)
+    return PatchCoreModule(net, bb.mean, bb.std, det.coreset_ratio, det.max_bank,
+                           channels_last=bb.channels_last, meta=meta, fold_batchnorm=bb.fold_batchnorm,
+                           aggregate=meta.get("aggregate"), seed=s.seed)
 
 
 # Every 5th good train input is held out of the bank to put scores on a scale (patchcore.py): below
@@ -32,7 +29,7 @@ def build_module(cfg: DictConfig, class_counts: tuple[int, int], meta: dict) -> 
 MIN_GOOD_TRAIN = 10
 
 
-def check_split(cfg: DictConfig, split: Split) -> None:
+def check_split(s: ModelSettings, split: Split) -> None:
     """Refuse a train split with too few good parts to build and scale a memory bank."""
     n_good = sum(1 for r in split.train if r.label == 0)
     if n_good < MIN_GOOD_TRAIN:

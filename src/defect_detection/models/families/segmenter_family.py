@@ -4,31 +4,30 @@
 from __future__ import annotations
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 from torch import nn
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.data.splits import Split
-from defect_detection.models.families import Family
+from defect_detection.models.families.contract import Family
 from defect_detection.models.families.segmenter import SegmenterModule, SegmenterNet
 from defect_detection.models.losses import build_loss
+from defect_detection.schema import ModelSettings, instantiable
 
 
-def build_module(cfg: DictConfig, class_counts: tuple[int, int], meta: dict) -> SegmenterModule:
-    bb, det = cfg.backbone, cfg.detector
-    strides, width = [int(s) for s in det.strides], int(det.width)
+def build_module(s: ModelSettings, class_counts: tuple[int, int], meta: dict) -> SegmenterModule:
+    bb, det = s.backbone, s.detector
+    strides, width = list(det.strides), det.width
     meta.update({"strides": strides, "width": width})
     net = SegmenterNet(bb.name, strides, bb.pretrained, bb.weights_path, width)
-    frozen = net.frozen_modules(int(det.frozen_stride))
+    frozen = net.frozen_modules(det.frozen_stride)
     for m in frozen:
         m.requires_grad_(False)
     frozen_bn = [bn for m in frozen for bn in m.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm)]
-    loss = build_loss(cfg.loss.name, class_counts, cfg.loss.get("weights"), cfg.loss.get("gamma", 2.0))
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    return SegmenterModule(net, loss, instantiate(cfg.optimizer), scheduler, frozen_bn, bb.mean, bb.std,
-                           float(det.pixel_loss_weight), float(det.mask_fraction), int(cfg.seed),
-                           channels_last=bool(bb.get("channels_last", False)), meta=meta,
-                           fold_batchnorm=bool(bb.get("fold_batchnorm", False)),
+    loss = build_loss(s.loss.name, class_counts, s.loss.weights, s.loss.gamma)
+    scheduler = instantiate(s.scheduler) if s.scheduler else None
+    return SegmenterModule(net, loss, instantiate(instantiable(s.optimizer)), scheduler, frozen_bn, bb.mean,
+                           bb.std, det.pixel_loss_weight, det.mask_fraction, s.seed,
+                           channels_last=bb.channels_last, meta=meta, fold_batchnorm=bb.fold_batchnorm,
                            aggregate=meta.get("aggregate"))
 
 
@@ -36,9 +35,9 @@ def build_net(meta: dict) -> SegmenterNet:
     return SegmenterNet(meta["backbone"], meta["strides"], pretrained=False, width=int(meta["width"]))
 
 
-def check_split(cfg: DictConfig, split: Split) -> None:
+def check_split(s: ModelSettings, split: Split) -> None:
     """The segmenter needs at least one train defect with a mask; say which family fits otherwise."""
-    fraction = float(cfg.detector.mask_fraction)
+    fraction = s.detector.mask_fraction
     if not 0.0 < fraction <= 1.0:
         raise UserError(f"detector.mask_fraction={fraction}: the share of masked train defects whose masks "
                         "train the pixel loss must be in (0, 1].")

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from defect_detection import UserError
+from defect_detection.base import UserError
 from defect_detection.evaluation.scores import download_scores, read_scores
 from defect_detection.evaluation.thresholds import ThresholdChoice, choose_threshold
 

@@ -1,0 +1,33 @@
+"""Evidence maps at each photo's own resolution: what Inspector.predict(maps=True) returns.
+
+The map is the model's own (Grad-CAM for the classifier, the anomaly map of PatchCore and the
+segmenter), computed on the prepared image for the class the model decided, and taken back to the
+photo through the input geometry (crop of the letterbox padding, stitching of tiles)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from defect_detection.base import UserError
+from defect_detection.explain.gradcam import geometry_cams
+from defect_detection.models.inference import as_pil
+
+
+def original_maps(predictor, items: Sequence, layer: str | list[str]) -> list[np.ndarray]:
+    """One H x W float map per item (path, PIL image or array), H x W its own size."""
+    if not hasattr(predictor, "net"):
+        raise UserError("maps need the PyTorch model: load the bundle, checkpoint or MLflow model with "
+                        "runtime=torch (an exported .onnx/.xml carries no map).")
+    geometry, threshold = predictor.geometry, predictor.threshold
+    temperature = float(predictor.meta.get("temperature", 1.0))
+    out = []
+    for item in items:
+        image = as_pil(item)
+        x = predictor._normalise(geometry.prepare(image))
+        decided = "defect" if predictor.p_defect([image])[0] >= threshold else "good"
+        [prepared], _ = geometry_cams(predictor.net, layer, [x], geometry, target=decided,
+                                      threshold=threshold, temperature=temperature)
+        out.append(geometry.to_original(prepared, (image.height, image.width)).numpy())
+    return out
