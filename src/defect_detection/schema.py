@@ -114,6 +114,7 @@ class BackboneSchema(_Loose):
     name: str
     pretrained: bool = True
     weights_path: str | None = None
+    download: bool = True  # fetch missing ImageNet weights through torchvision / timm (needs internet)
     min_image_size: int = Field(default=32, ge=1)
     mean: list[float] = Field(min_length=3, max_length=3)
     std: list[float] = Field(min_length=3, max_length=3)

@@ -20,15 +20,28 @@ from defect_detection.models.backbones import build_network
 # EfficientNet-Lites (their feature_info), torchvision stage names for the ResNets.
 FEATURE_LEVELS: dict[str, dict[int, int | str]] = {
     **{f"efficientnet_lite{v}": {4: 1, 8: 2, 16: 3, 32: 4} for v in (0, 1, 2)},
-    **{f"resnet{d}": {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"} for d in (18, 34, 50)},
+    **{name: {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"}
+       for name in ("resnet18", "resnet34", "resnet50", "wide_resnet50_2")},
 }
 
 
+def feature_levels(backbone: str) -> dict[int, int | str] | None:
+    """Stride -> feature level of a backbone: the table above, or a timm model's own feature_info."""
+    if backbone in FEATURE_LEVELS:
+        return FEATURE_LEVELS[backbone]
+    import timm
+
+    if not timm.is_model(backbone):
+        return None
+    info = timm.create_model(backbone, pretrained=False, features_only=True).feature_info
+    return {int(r): i for i, r in enumerate(info.reduction())}
+
+
 def check_strides(backbone: str, strides: Sequence[int], key: str = "model.strides") -> list[int]:
-    levels = FEATURE_LEVELS.get(backbone)
+    levels = feature_levels(backbone)
     if levels is None:
         raise UserError(f"backbone={backbone} has no feature pyramid for this detector family; use one of "
-                        f"{sorted(FEATURE_LEVELS)}.")
+                        f"{sorted(FEATURE_LEVELS)} or a timm model name.")
     bad = [s for s in strides if s not in levels]
     if bad or not strides:
         raise UserError(f"{key}={list(strides)}: {backbone} has feature maps at strides {sorted(levels)}; "
@@ -40,16 +53,18 @@ class FeatureExtractor(nn.Module):
     """x (N x 3 x H x W, normalised) -> one feature map per requested stride, shallow to deep."""
 
     def __init__(self, backbone: str, strides: Sequence[int] = (8, 16), pretrained: bool = True,
-                 weights_path: str | None = None) -> None:
+                 weights_path: str | None = None, download: bool = True) -> None:
         super().__init__()
         self.backbone, self.strides = backbone, check_strides(backbone, strides)
-        levels = [FEATURE_LEVELS[backbone][s] for s in self.strides]
-        full = build_network(backbone, pretrained, weights_path)
-        if backbone.startswith("efficientnet_lite"):
+        known = feature_levels(backbone)
+        levels = [known[s] for s in self.strides]
+        full = build_network(backbone, pretrained, weights_path, download)
+        if backbone.startswith("efficientnet_lite") or backbone not in FEATURE_LEVELS:  # timm models
             import timm
 
-            variant = backbone.split("_")[1]  # lite0 / lite1 / lite2
-            self.body = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, features_only=True,
+            lite = backbone.startswith("efficientnet_lite")
+            arch = f"tf_efficientnet_{backbone.split('_')[1]}" if lite else backbone
+            self.body = timm.create_model(arch, pretrained=False, features_only=True,
                                           out_indices=tuple(levels))
             state = full.state_dict()
             self.body.load_state_dict({k: state[k] for k in self.body.state_dict()}, strict=True)

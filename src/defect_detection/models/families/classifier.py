@@ -16,7 +16,7 @@ from defect_detection.schema import ModelSettings, instantiable
 
 def build_module(s: ModelSettings, class_counts: tuple[int, int], meta: dict) -> DefectClassifier:
     bb = s.backbone
-    net = build_network(bb.name, bb.pretrained, bb.weights_path)
+    net = build_network(bb.name, bb.pretrained, bb.weights_path, bb.download)
     trainable = s.freezing.trainable
     prefixes = resolve_trainable(net, trainable if isinstance(trainable, str) else list(trainable), bb.stages)
     frozen_bn = apply_freezing(net, prefixes)

@@ -108,9 +108,9 @@ class PatchCoreNet(nn.Module):
 
     def __init__(self, backbone: str, strides: Sequence[int] = (8, 16), pretrained: bool = True,
                  weights_path: str | None = None, neighbourhood: int = 3, bank_size: int = 1,
-                 reweight: int = 0) -> None:
+                 reweight: int = 0, download: bool = True) -> None:
         super().__init__()
-        self.features = FeatureExtractor(backbone, strides, pretrained, weights_path)
+        self.features = FeatureExtractor(backbone, strides, pretrained, weights_path, download)
         self.neighbourhood = int(neighbourhood)
         self.reweight = int(reweight)  # 0: the plain max distance; b > 1: eq. 7 over b bank neighbours
         self.dim = sum(self.features.channels)

@@ -17,7 +17,8 @@ def build_module(s: ModelSettings, class_counts: tuple[int, int], meta: dict) ->
         raise UserError(f"detector.reweight={reweight}: give 0 (the plain largest patch distance) or the "
                         "number of bank neighbours for PatchCore's re-weighting, >= 2 (the paper uses 9).")
     meta.update({"strides": strides, "neighbourhood": det.neighbourhood, "reweight": reweight})
-    net = PatchCoreNet(bb.name, strides, bb.pretrained, bb.weights_path, det.neighbourhood, reweight=reweight)
+    net = PatchCoreNet(bb.name, strides, bb.pretrained, bb.weights_path, det.neighbourhood, reweight=reweight,
+                       download=bb.download)
     return PatchCoreModule(net, bb.mean, bb.std, det.coreset_ratio, det.max_bank,
                            channels_last=bb.channels_last, meta=meta, fold_batchnorm=bb.fold_batchnorm,
                            aggregate=meta.get("aggregate"), seed=s.seed)

@@ -31,9 +31,9 @@ class SegmenterNet(nn.Module):
     """Backbone pyramid -> stride-8 segmentation logits and an image logit."""
 
     def __init__(self, backbone: str, strides: Sequence[int] = (8, 16, 32), pretrained: bool = True,
-                 weights_path: str | None = None, width: int = 64) -> None:
+                 weights_path: str | None = None, width: int = 64, download: bool = True) -> None:
         super().__init__()
-        self.features = FeatureExtractor(backbone, strides, pretrained, weights_path)
+        self.features = FeatureExtractor(backbone, strides, pretrained, weights_path, download)
         self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in self.features.channels)
         self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU(inplace=True), nn.Conv2d(width, 1, 1))

@@ -18,7 +18,7 @@ def build_module(s: ModelSettings, class_counts: tuple[int, int], meta: dict) ->
     bb, det = s.backbone, s.detector
     strides, width = list(det.strides), det.width
     meta.update({"strides": strides, "width": width})
-    net = SegmenterNet(bb.name, strides, bb.pretrained, bb.weights_path, width)
+    net = SegmenterNet(bb.name, strides, bb.pretrained, bb.weights_path, width, download=bb.download)
     frozen = net.frozen_modules(det.frozen_stride)
     for m in frozen:
         m.requires_grad_(False)
