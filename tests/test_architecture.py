@@ -4,7 +4,7 @@
     config, schema, devices, distributed, data      configs and data
     evaluation                                      metrics, thresholds, reports (no training)
     models                                          detectors, bundles, predictors, export formats
-    explain, tracking, reports                      maps, MLflow, report.html
+    explain, tracking, reports, monitoring          maps, MLflow, report.html, the prediction log
     pipeline, auto                                  one job each
     api                                             fit, evaluate, Inspector, ...
     train, evaluate, predict, ... (entry points)    parse, print, exit codes
@@ -26,11 +26,11 @@ LAYERS = {
     **dict.fromkeys(("config", "schema", "devices", "distributed", "data"), 1),
     "evaluation": 2,
     **dict.fromkeys(("models", "runtime_speed"), 3),
-    **dict.fromkeys(("explain", "tracking", "reports"), 4),
+    **dict.fromkeys(("explain", "tracking", "reports", "monitoring"), 4),
     **dict.fromkeys(("pipeline", "auto"), 5),
     "api": 6,
     **dict.fromkeys(("train", "evaluate", "predict", "export", "compare", "promote", "data_cmd",
-                     "explain_cmd"), 7),
+                     "explain_cmd", "monitor", "review_cmd", "challenge_cmd"), 7),
     "": 8,
 }
 

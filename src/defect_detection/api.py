@@ -45,7 +45,7 @@ def compose_config(config_name: str, overrides: Sequence[str] = (), config_dir: 
     overrides = [str(o) for o in overrides] + search_path(config_dir)
     if not any(o.split("=", 1)[0].lstrip("+~") == "paths.output_dir" for o in overrides):
         stamp = f"{datetime.now():%Y-%m-%d_%H-%M-%S}-{secrets.token_hex(3)}"
-        overrides.append(f"paths.output_dir={project_root() / 'outputs' / (task or config_name) / stamp}")
+        overrides.append(f"paths.output_dir=${{paths.root_dir}}/outputs/{task or config_name}/{stamp}")
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app (a command) already
         return compose(config_name, overrides=overrides)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -177,6 +177,30 @@ def compare(*overrides: str, config: DictConfig | None = None, config_dir: str |
     from defect_detection.pipeline.compare import compare as run
 
     return run(config if config is not None else compose_config("compare", overrides, config_dir))
+
+
+def monitor(*overrides: str, config: DictConfig | None = None, config_dir: str | Path | None = None):
+    """`defect-monitor`: a window of the prediction log against the model's reference; returns the
+    checks and whether an alarm was raised (the command exits 3 then)."""
+    from defect_detection.pipeline.monitor import monitor as run
+
+    return run(config if config is not None else compose_config("monitor", overrides, config_dir))
+
+
+def review(*overrides: str, config: DictConfig | None = None, config_dir: str | Path | None = None):
+    """`defect-review`: serve the review page (until stopped), or with export=<folder> write the
+    judged parts as a dataset and return its manifest."""
+    from defect_detection.pipeline.review import review as run
+
+    return run(config if config is not None else compose_config("review", overrides, config_dir))
+
+
+def challenge(*overrides: str, config: DictConfig | None = None, config_dir: str | Path | None = None):
+    """`defect-challenge`: a retrained model against the champion on the same parts (the champion
+    run's test split and the held-back reviewed parts); promote=true goes through the guard."""
+    from defect_detection.pipeline.challenge import challenge as run
+
+    return run(config if config is not None else compose_config("challenge", overrides, config_dir))
 
 
 # -- predict, explain, export --------------------------------------------------------------------

@@ -89,6 +89,7 @@ class DataSchema(_Loose):
     on_bad_image: Literal["error", "skip"] = "error"
     max_image_pixels: int | None = Field(default=DEFAULT_MAX_PIXELS, ge=0)
     records: dict = Field(default_factory=dict)  # the reader, instantiated by data/validate.py
+    extra_roots: list[str] = Field(default_factory=list)  # folders whose parts join the train split
 
     @field_validator("categories")
     @classmethod
@@ -289,6 +290,18 @@ def validate_data_config(data: DictConfig) -> DataSchema:
 
 def data_settings(data: DictConfig | DataSchema) -> DataSchema:
     return data if isinstance(data, DataSchema) else validate_data_config(data)
+
+
+class PredictionLogSchema(_Loose):
+    """conf/predict.yaml's prediction_log (also the served model's model_config keys)."""
+
+    enabled: bool = True
+    url: str | None = None
+    batch_size: int = Field(default=256, ge=1)
+    audit_fraction: float = Field(default=0.02, ge=0, le=1)
+    borderline_log_odds: float = Field(default=1.0, ge=0)
+    maps: bool = True
+    image_dir: str | None = None  # served parts' images kept for review (null: beside a SQLite log)
 
 
 class ModelSettings(BaseModel):

@@ -183,3 +183,23 @@ def synthetic_records(root: str | Path, categories: Sequence[str] = CATEGORIES, 
     from defect_detection.data.records import read_mvtec
 
     return read_mvtec(generate_synthetic(root, categories, **params), categories)
+
+
+def synthetic_part(category: str, kind: str, rng: np.random.Generator, image_size: int = 128,
+                   lighting: float = 1.0) -> np.ndarray:
+    """One part as an H x W x 3 uint8 array: kind "good", a defect type of the datasets, or "dent"
+    (a ring pressed into the part, which the generated datasets never hold: a new defect type for
+    simulated lines, scripts/loop_simulation.py). `lighting` scales the intensities (0.7: a lamp
+    dimmed by 30 %)."""
+    image = _texture(category, image_size, rng)
+    if kind == "dent":
+        mask = Image.new("L", (image_size, image_size), 0)
+        draw = ImageDraw.Draw(mask)
+        cx, cy = rng.integers(image_size // 4, 3 * image_size // 4, 2)
+        r = rng.uniform(0.07, 0.12) * image_size
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=255, width=max(2, image_size // 40))
+        m = np.asarray(mask.filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float32)[..., None] / 255
+        image = image * (1 - 0.7 * m) + 0.7 * m * image * 0.45
+    elif kind != "good":
+        image = _apply_defect(image, _defect_mask(kind, image_size, rng), kind)
+    return np.clip(image * float(lighting), 0, 255).astype(np.uint8)

@@ -110,6 +110,25 @@ def screened_records(data: DataSchema) -> tuple[list[ImageRecord], list[BadImage
     return screen_records(records, data.on_bad_image, data.max_image_pixels, f"data.root={data.root}")
 
 
+def screened_extra(data: DataSchema) -> dict[str, list[ImageRecord]]:
+    """The parts of each data.extra_roots folder (good/, defect/<type>/), checked like the main data.
+
+    Their category is the data's own when it has one (a reviewed batch of a one-category line),
+    else `reviewed`."""
+    from defect_detection.data.records import read_folder
+
+    category = data.categories[0] if len(data.categories) == 1 else "reviewed"
+    out = {}
+    for root in data.extra_roots:
+        records = read_folder(root, category)
+        if not records:
+            raise UserError(f"data.extra_roots: {root} holds no images (expected good/ and defect/<type>/).")
+        out[str(root)] = screen_records(
+            records, data.on_bad_image, data.max_image_pixels, f"data.extra_roots {root}"
+        )[0]
+    return out
+
+
 def bad_images_frame(bad: Sequence[BadImage]) -> pd.DataFrame:
     """The run artifact data/bad_images.csv."""
     columns = [f.name for f in dataclasses.fields(BadImage)]

@@ -31,3 +31,27 @@ def original_maps(predictor, items: Sequence, layer: str | list[str]) -> list[np
                                       threshold=threshold, temperature=temperature)
         out.append(geometry.to_original(prepared, (image.height, image.width)).numpy())
     return out
+
+
+def small_map_png(predictor, prepared: np.ndarray, hw: tuple[int, int], layer: str | list[str],
+                  size: int = 64) -> bytes:
+    """A small grey PNG (long side `size`) of the evidence map of one prepared image, for the
+    decided class: what the prediction log keeps of flagged and borderline parts."""
+    import io
+
+    from PIL import Image
+
+    geometry, threshold = predictor.geometry, predictor.threshold
+    x = predictor._normalise(prepared)
+    decided = "defect" if predictor.p_defect_prepared([prepared])[0] >= threshold else "good"
+    [m], _ = geometry_cams(predictor.net, layer, [x], geometry, target=decided, threshold=threshold,
+                           temperature=float(predictor.meta.get("temperature", 1.0)))
+    top, left, h, w = geometry.content_box(hw)
+    m = m[top:top + h, left:left + w].numpy()
+    m = (255 * (m - m.min()) / max(float(m.max() - m.min()), 1e-8)).astype(np.uint8)
+    scale = size / max(m.shape)
+    image = Image.fromarray(m).resize((max(1, round(m.shape[1] * scale)), max(1, round(m.shape[0] * scale))),
+                                      Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

@@ -115,6 +115,9 @@ class BasePredictor:
 
     meta: dict
     batch_size: int = 32
+    # called as observer(item, (h, w) of the photo, prepared H x W x 3 array) for every image decoded:
+    # what the prediction log takes its image statistics from, without decoding twice
+    observer = None
 
     @property
     def threshold(self) -> float:
@@ -129,7 +132,11 @@ class BasePredictor:
 
     def _to_array(self, item) -> np.ndarray:
         """H x W x 3 uint8 network-side pixels of one item (the geometry's prepare)."""
-        return self.geometry.prepare(as_pil(item))
+        image = as_pil(item)
+        prepared = self.geometry.prepare(image)
+        if self.observer is not None:
+            self.observer(item, (image.height, image.width), prepared)
+        return prepared
 
     @property
     def mean(self) -> torch.Tensor:

@@ -13,7 +13,7 @@ from defect_detection.data.fingerprint import fingerprint
 from defect_detection.data.geometry import build_geometry
 from defect_detection.data.input_plan import plan_input
 from defect_detection.data.transforms import build_eval_transform, build_train_transform
-from defect_detection.data.validate import screened_records
+from defect_detection.data.validate import screened_extra, screened_records
 from defect_detection.models.families import family
 from defect_detection.schema import ModelSettings, data_settings, validate_train_config
 
@@ -28,12 +28,18 @@ def build_input(cfg: DictConfig):
 
 def build_datamodule(cfg: DictConfig, split=None) -> DefectDataModule:
     """The run's data; `split` replaces the configured split (cross-validation folds)."""
-    bad, prints = [], None
+    bad, prints, extra = [], None, {}
     if split is None:
         # every file checked before the split: error lists all bad files, skip drops them (data/validate.py)
-        records, bad = screened_records(data_settings(cfg.data))
-        prints = fingerprint(records)  # what a resume compares against (data/fingerprint.json)
+        data = data_settings(cfg.data)
+        records, bad = screened_records(data)
+        extra = screened_extra(data)  # reviewed parts: train only, val and test stay the original ones
+        # what a resume compares against (data/fingerprint.json)
+        prints = fingerprint([*records, *(r for recs in extra.values() for r in recs)])
         split = instantiate(cfg.split.make)(records)
+        if extra:
+            split.train += [r for recs in extra.values() for r in recs]
+            split.notes.append(f"data.extra_roots: {sum(map(len, extra.values()))} parts added to train")
     if check := family(detector_name(cfg)).check_split:  # data the family cannot learn from: say so now
         check(model_settings(cfg), split)
     geometry, bb = build_input(cfg), cfg.backbone
@@ -52,6 +58,7 @@ def build_datamodule(cfg: DictConfig, split=None) -> DefectDataModule:
     datamodule.bad_images = bad
     datamodule.input_plan = plan
     datamodule.fingerprint = prints
+    datamodule.extra = extra
     return datamodule
 
 

@@ -35,6 +35,7 @@ from defect_detection.models.checkpointing import (
 from defect_detection.models.families import family
 from defect_detection.models.inference import save_bundle
 from defect_detection.models.module import DetectorModule
+from defect_detection.monitoring.reference import log_image_reference
 from defect_detection.pipeline.builders import build_datamodule, build_module, detector_name
 from defect_detection.reports.html import log_html_report
 from defect_detection.schema import TrainSchema, validate_train_config
@@ -127,6 +128,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict:
                 tracker.log_params(datamodule.input_plan.log_params())
                 if datamodule.fingerprint is not None:
                     tracker.log_dict(datamodule.fingerprint, FINGERPRINT)
+                    _log_lineage(tracker, cfg, datamodule)
         tag_checkpoint_dir(tracker, trainer)
         tracker.tag_store()  # which tracking store and artifact location hold this run
         if datamodule.bad_images:
@@ -170,6 +172,17 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict:
              choice.value, choice.policy)
     log_run_summary(tracker, test_metrics, choice, report_uri)
     return result
+
+
+def _log_lineage(tracker: RunTracker, cfg: DictConfig, datamodule: DefectDataModule) -> None:
+    """The run's dataset inputs: the base data and each extra (reviewed) folder, with digests."""
+    from defect_detection.data.lineage import log_lineage
+
+    extra = getattr(datamodule, "extra", {}) or {}
+    added = {r.path for recs in extra.values() for r in recs}
+    split_of = {row["path"]: row["split"] for row in datamodule.split.assignment()}
+    base = [r for name in ("train", "val", "test") for r in datamodule.split[name] if r.path not in added]
+    log_lineage(tracker, base, extra, split_of, datamodule.fingerprint, str(cfg.data.get("root")))
 
 
 def _choose(cfg: DictConfig, module: DetectorModule, datamodule: DefectDataModule):
@@ -227,4 +240,5 @@ def _log_results(tracker: RunTracker, cfg: DictConfig, settings: TrainSchema, mo
                                         "run_id": tracker.run_id})
             with fluent_tracking_uri(tracker.tracking_uri), mlflow.start_run(run_id=tracker.run_id):
                 log_pyfunc(bundle)
+    log_image_reference(tracker, datamodule)  # what defect-monitor compares the line's images with
     log_gradcam(tracker, settings.explain, settings.backbone, module, datamodule, stage="test")

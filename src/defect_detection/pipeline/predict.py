@@ -80,9 +80,17 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     with fluent_tracking_uri(cfg.tracking_uri):  # for runs:/ and models:/ URIs; restored after
         predictor = _load(model, cfg.device, str(cfg.get("runtime", "auto")))
     predictor.batch_size = int(cfg.batch_size)
-    table = _with_refused(score(predictor, [p for p, why in entries if not why], on_error),
-                          entries, predictor.threshold)
+    recorder = _recorder(cfg, predictor, model)
+    usable = [p for p, why in entries if not why]
+    scored = score(predictor, usable, on_error)
+    table = _with_refused(scored, entries, predictor.threshold)
     table.to_csv(out, index=False)
+    if recorder is not None:  # after the CSV: logging never delays or loses a prediction
+        rows = recorder.record([str(p) for p in usable], scored)
+        recorder.add_maps(predictor, [str(p) for p in usable], rows)
+        recorder.log.record(rows)
+        recorder.log.close()
+        predictor.observer = None
     if (table["decision"] == "error").all():
         raise UserError(f"All {len(table)} input(s) failed (reasons in {out}); the first: "
                         f"{table['error'].iloc[0]}")
@@ -104,6 +112,28 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
                                  alpha=float(g.alpha), colormap=str(g.colormap))
         log.info("Wrote %d Grad-CAM overlays to %s", len(written), g.dir)
     return table
+
+
+def _recorder(cfg: DictConfig, predictor, model: str):
+    """The prediction log's recorder for this run (None when prediction_log.enabled=false)."""
+    from defect_detection.base import project_root
+    from defect_detection.monitoring.recorder import Recorder, model_info, open_log
+    from defect_detection.schema import PredictionLogSchema
+
+    section = cfg.get("prediction_log")
+    settings = PredictionLogSchema.model_validate(OmegaConf.to_container(section, resolve=True)) \
+        if section is not None else None
+    try:
+        plog = open_log(settings, str(cfg.tracking_uri), project_root() / "mlruns")
+    except Exception as err:  # a log that cannot even open never costs the predictions
+        log.warning("prediction log not opened (%s: %s): predicting without it", type(err).__name__, err)
+        return None
+    if plog is None:
+        return None
+    recorder = Recorder(plog, model_info(model, str(cfg.tracking_uri), predictor.meta), "predict",
+                        maps=settings.maps)
+    recorder.attach(predictor)
+    return recorder
 
 
 def _with_refused(table: pd.DataFrame, entries: Sequence[tuple[Path, str | None]],

@@ -25,6 +25,8 @@ mask_credentials_in_mlflow_logs()
 # MLflow writes "View run ... at: <tracking URI>/#/..." straight to stdout when a run on a server
 # ends, password included; the run summary prints the same link with credentials masked.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# and a progress bar for every artifact it downloads (config.yaml, scores, the bundle): noise
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 # Run tag listing metrics that are undefined (NaN) because a split held one class; promotion refuses it.
 UNDEFINED_TAG = "undefined_metrics"

@@ -43,7 +43,12 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 # when served, change only keys logged with the model). runtime: torch, onnx or openvino; the
 # bundle is then exported in memory (fp32) and parity-checked before it scores.
 MODEL_CONFIG = {"runtime": "torch", "max_rows": 256, "max_request_pixels": 200_000_000,
-                "max_request_bytes": 256 * 2**20}
+                "max_request_bytes": 256 * 2**20,
+                # conf/predict.yaml's prediction_log keys; url null: beside MLFLOW_TRACKING_URI's
+                # sqlite store, else ./predictions.db
+                "prediction_log": {"enabled": True, "url": None, "audit_fraction": 0.02,
+                                   "borderline_log_odds": 1.0, "maps": True},
+                "model_uri": None}  # what the log names (set it when serving models:/name@alias)
 # Set by MLflow's scoring server (mlflow/pyfunc/scoring_server) before it serves requests.
 _SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 REFUSED = ("path refused: this server reads paths only under its allowed roots ({}); "
@@ -99,6 +104,7 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
         self.predictor = load_predictor(context.artifacts["bundle"], runtime=runtime)
         self.allowed_roots = config.get("allowed_roots")
         self.config = dict(config)
+        self.recorder = _serving_recorder(config, self.predictor)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         items = _items(model_input)
@@ -107,14 +113,16 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
         arrays: list[np.ndarray | None] = [None] * len(items)
         errors: list[str | None] = [None] * len(items)
         notes: list[str | None] = [None] * len(items)
+        seen: list[tuple] = [(None, None, None)] * len(items)  # (hw, stats, content hash) for the log
         for k, item in enumerate(items):
             try:
                 budget.row()
-                arrays[k], notes[k] = self._prepared(item, roots, budget)
+                arrays[k], notes[k], seen[k] = self._prepared(item, roots, budget)
             except Exception as err:  # one bad row is that row's error, never the request's
                 errors[k] = row_error(err)
         ok = [k for k, a in enumerate(arrays) if a is not None]
         p = self._scores([arrays[k] for k in ok], errors, ok)
+        self._log(items, ok, p, arrays, seen)
         del arrays
         release_memory()
         out = pd.DataFrame({"p_defect": np.nan, "is_defect": False, "decision": "error",
@@ -132,14 +140,53 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
         return out
 
     def _prepared(self, item, roots: list[Path] | None, budget: RequestBudget):
-        """(the geometry's prepared array, note) of one item; decoded pixels freed on return."""
+        """(the geometry's prepared array, note, (hw, stats, hash)) of one item; the decoded pixels
+        are freed on return."""
         image = _image(item, roots, budget)
         try:
             geometry = self.predictor.geometry
-            note = getattr(geometry, "upscale_note", lambda hw: None)((image.height, image.width))
-            return geometry.prepare(image), note
+            hw = (image.height, image.width)
+            note = getattr(geometry, "upscale_note", lambda hw: None)(hw)
+            prepared = geometry.prepare(image)
+            if getattr(self, "recorder", None) is None:
+                return prepared, note, (hw, None, None)
+            from defect_detection.monitoring.image_stats import image_stats
+            from defect_detection.monitoring.recorder import content_hash
+
+            raw = base64.b64decode(item) if isinstance(item, _B64) else item
+            return prepared, note, (hw, image_stats(prepared, hw), content_hash(raw))
         finally:
             image.close()
+
+    def _log(self, items: list, ok: list[int], p: np.ndarray, arrays: list, seen: list) -> None:
+        """The scored rows into the prediction log (its failures are warnings, never the request's)."""
+        recorder = getattr(self, "recorder", None)
+        if recorder is None:
+            return
+        try:
+            rows = []
+            for k, value in zip(ok, p):
+                if np.isnan(value):
+                    continue
+                hw, stats, digest = seen[k]
+                decision = "defect" if value >= self.predictor.threshold else "good"
+                row = recorder.log.row(source="serve", model=recorder.model, p_defect=float(value),
+                                       threshold=self.predictor.threshold, decision=decision,
+                                       image_path=str(items[k]) if isinstance(items[k], str) and
+                                       not isinstance(items[k], _B64) else None,
+                                       content_hash=digest, stats=stats)
+                flagged = decision == "defect" or row["borderline"]
+                if recorder.maps and flagged and hasattr(self.predictor, "net"):
+                    row["map_png"] = _small_map(self.predictor, arrays[k], hw)
+                if (flagged or row["audit"]) and isinstance(items[k], _B64):  # the review queue shows it
+                    row["image_path"] = recorder.log.keep_image(base64.b64decode(items[k]), digest)
+                rows.append(row)
+            recorder.log.record(rows)
+            recorder.log.flush()
+        except Exception as err:  # logging must never cost the response
+            import logging
+
+            logging.getLogger(__name__).warning("prediction log: %s: %s", type(err).__name__, err)
 
     def _scores(self, arrays: list[np.ndarray], errors: list[str | None], ok: list[int]) -> np.ndarray:
         """p_defect of the prepared arrays; when the batch fails, image by image (failures: NaN + error)."""
@@ -153,6 +200,36 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
                 except Exception as err:
                     errors[ok[j]] = row_error(err)
             return out
+
+
+def _serving_recorder(config: dict, predictor):
+    """The served model's recorder (model_config["prediction_log"]); None when disabled."""
+    from defect_detection.monitoring.prediction_log import ModelInfo
+    from defect_detection.monitoring.recorder import Recorder, model_info, open_log
+    from defect_detection.schema import PredictionLogSchema
+
+    settings = PredictionLogSchema.model_validate(config.get("prediction_log") or {"enabled": False})
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    plog = open_log(settings, uri, Path.cwd())
+    if plog is None:
+        return None
+    run_id = predictor.meta.get("run_id")
+    if config.get("model_uri") and uri:  # models:/name@alias: its registered name and version too
+        info = model_info(config["model_uri"], uri, predictor.meta)
+    else:
+        info = ModelInfo(uri=config.get("model_uri") or (f"runs:/{run_id}/model" if run_id else None),
+                         run_id=run_id)
+    return Recorder(plog, info, "serve", maps=settings.maps)
+
+
+def _small_map(predictor, prepared: np.ndarray, hw: tuple[int, int]) -> bytes | None:
+    from defect_detection.explain.gradcam import gradcam_layer_for
+    from defect_detection.explain.maps import small_map_png
+
+    try:
+        return small_map_png(predictor, prepared, hw, gradcam_layer_for(predictor.meta["backbone"]))
+    except Exception:  # a map is a nicety
+        return None
 
 
 def row_error(err: BaseException) -> str:

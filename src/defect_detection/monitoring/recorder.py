@@ -1,0 +1,152 @@
+"""What a scoring pass gives the prediction log: the parts' statistics and content hashes, taken
+from the pixels the predictor decodes anyway (its observer hook), then one row per scored part, and
+small maps for the flagged and borderline parts afterwards (never inside the scoring pass)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from defect_detection.monitoring.image_stats import image_stats
+from defect_detection.monitoring.prediction_log import ModelInfo, PredictionLog
+from defect_detection.schema import PredictionLogSchema
+
+log = logging.getLogger(__name__)
+
+
+def content_hash(item) -> str | None:
+    """BLAKE2b of a file's bytes (or of an array's pixels): the same part seen twice is one hash."""
+    try:
+        if isinstance(item, (str, Path)):
+            return hashlib.blake2b(Path(item).read_bytes(), digest_size=16).hexdigest()
+        if isinstance(item, (bytes, bytearray)):
+            return hashlib.blake2b(item, digest_size=16).hexdigest()
+        return hashlib.blake2b(np.ascontiguousarray(item).tobytes(), digest_size=16).hexdigest()
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def _key(item) -> object:
+    return str(item) if isinstance(item, (str, Path)) else id(item)
+
+
+class Recorder:
+    """Observes a predictor's decoding, then writes the rows of what it scored."""
+
+    def __init__(
+        self,
+        log_: PredictionLog,
+        model: ModelInfo,
+        source: str,
+        maps: bool = True,
+        layer: str | list[str] | None = None,
+    ) -> None:
+        self.log, self.model, self.source, self.maps, self.layer = log_, model, source, maps, layer
+        self.seen: dict[object, tuple[dict, str | None]] = {}
+        self.seconds = 0.0  # what observing cost (stats and hashes)
+
+    def observe(self, item, hw: tuple[int, int], prepared: np.ndarray) -> None:
+        began = time.perf_counter()
+        self.seen[_key(item)] = (image_stats(prepared, hw), content_hash(item))
+        self.seconds += time.perf_counter() - began
+
+    def attach(self, predictor) -> None:
+        predictor.observer = self.observe
+
+    def record(self, items: Sequence, table: pd.DataFrame) -> list[dict]:
+        """One row per scored item of `table` (rows with decision 'error' are not parts)."""
+        rows = []
+        for item, (_, r) in zip(items, table.iterrows()):
+            if r["decision"] == "error":
+                continue
+            stats, digest = self.seen.pop(_key(item), (None, None))
+            rows.append(
+                self.log.row(
+                    source=self.source,
+                    model=self.model,
+                    p_defect=float(r["p_defect"]),
+                    threshold=float(r["threshold"]),
+                    decision=str(r["decision"]),
+                    image_path=str(item) if isinstance(item, (str, Path)) else None,
+                    content_hash=digest,
+                    stats=stats,
+                )
+            )
+        return rows
+
+    def add_maps(self, predictor, items: Sequence, rows: list[dict]) -> None:
+        """Small evidence maps for the flagged and borderline rows (after scoring: a backward pass
+        each for the classifier's Grad-CAM)."""
+        if not self.maps or not hasattr(predictor, "net"):
+            return
+        from defect_detection.explain.gradcam import gradcam_layer_for
+        from defect_detection.explain.maps import small_map_png
+
+        layer = self.layer or gradcam_layer_for(predictor.meta["backbone"])
+        by_path = {str(i): i for i in items if isinstance(i, (str, Path))}
+        observer, predictor.observer = predictor.observer, None
+        try:
+            for row in rows:
+                if not (row["decision"] == "defect" or row["borderline"]) or row["image_path"] not in by_path:
+                    continue
+                try:
+                    from defect_detection.models.inference import as_pil
+
+                    image = as_pil(by_path[row["image_path"]])
+                    prepared = predictor.geometry.prepare(image)
+                    row["map_png"] = small_map_png(predictor, prepared, (image.height, image.width), layer)
+                except Exception as err:  # a map is a nicety: the row is recorded without it
+                    log.warning("prediction log: no map for %s (%s)", row["image_path"], err)
+        finally:
+            predictor.observer = observer
+
+
+def open_log(
+    settings: PredictionLogSchema | None, tracking_uri: str, fallback_dir: Path
+) -> PredictionLog | None:
+    """The prediction log the settings name (None when disabled)."""
+    from defect_detection.monitoring.prediction_log import default_url
+
+    if settings is None or not settings.enabled:
+        return None
+    return PredictionLog(
+        settings.url or default_url(tracking_uri, fallback_dir),
+        batch_size=settings.batch_size,
+        audit_fraction=settings.audit_fraction,
+        borderline_log_odds=settings.borderline_log_odds,
+        image_dir=settings.image_dir,
+    )
+
+
+def model_info(source: str, tracking_uri: str, meta: dict) -> ModelInfo:
+    """Which model a row names: the URI, and the registered name/version and run when known."""
+    from defect_detection.tracking.sources import source_tags
+
+    tags = source_tags(str(source), tracking_uri)
+    return ModelInfo(
+        uri=tags.get("source_model_uri", str(source)),
+        name=tags.get("source_model_name"),
+        version=tags.get("source_model_version"),
+        run_id=tags.get("source_run_id") or meta.get("run_id"),
+    )
+
+
+def resolve_model(source: str, tracking_uri: str) -> ModelInfo:
+    """model_info() of a model named by a user, its training run read from the bundle's meta
+    when the URI does not say it (a models:/ alias)."""
+    from defect_detection.models.store import fetched_bundle, is_store_uri
+    from defect_detection.tracking.mlflow_run import fluent_tracking_uri
+
+    meta: dict = {}
+    if is_store_uri(source):
+        import torch
+
+        with fluent_tracking_uri(tracking_uri), fetched_bundle(source) as bundle:
+            meta = torch.load(bundle, map_location="cpu", weights_only=True)["meta"]
+    return model_info(source, tracking_uri, meta)
