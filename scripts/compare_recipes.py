@@ -108,14 +108,22 @@ def run_overrides(args: argparse.Namespace, recipe: str, seed: int, out_dir: Pat
     data = [f"data={args.data}"] + ([f"data.root={args.data_root}"] if args.data != "synthetic" else [])
     data += [f"data.categories=[{cats}]"] if args.data == "mvtec" else []
     label = recipe_label(recipe)
-    ov = recipe_overrides(recipe) + [
-        *data, "data.cache=disk",
-        f"seed={seed}", f"experiment_name={args.experiment_name}", f"run_name={label}-seed{seed}",
-        f"paths.output_dir={out_dir / f'{label}-seed{seed}'}", "callbacks.progress_bar=null"]
-    if not args.full_logging:
+    return recipe_overrides(recipe) + data + bench_overrides(
+        seed, args.experiment_name, f"{label}-seed{seed}", out_dir / f"{label}-seed{seed}",
+        full_logging=args.full_logging, maps=args.maps) + list(args.overrides)
+
+
+def bench_overrides(seed: int, experiment_name: str, run_name: str, output_dir: Path,
+                    full_logging: bool = False, maps: bool = False) -> list[str]:
+    """What every benchmark run adds: the split seed, where it is tracked and written, a disk
+    cache of decoded images shared by the runs, and (unless full_logging) no model, data summary or
+    Grad-CAM: the metrics are the same, the runs faster."""
+    ov = ["data.cache=disk", f"seed={seed}", f"experiment_name={experiment_name}", f"run_name={run_name}",
+          f"paths.output_dir={output_dir}", "callbacks.progress_bar=null"]
+    if not full_logging:
         ov += ["log_model=false", "log_data_summary=false"]
-        ov += ["explain.n_per_group=1", "explain.max_images=8"] if args.maps else ["explain=none"]
-    return ov + list(args.overrides)
+        ov += ["explain.n_per_group=1", "explain.max_images=8"] if maps else ["explain=none"]
+    return ov
 
 
 def fmt(values: list[float], worst, digits: int) -> tuple[str, str]:
@@ -179,61 +187,68 @@ def write_table(args: argparse.Namespace, rows: list[dict], command: str, wall_s
     return text, out
 
 
+def open_store(experiment_name: str, overrides: list[str]) -> tuple[MlflowClient, str, Path]:
+    """The store the composed config tracks to (with `overrides`, e.g. another paths.root_dir):
+    a client, the experiment's id (created when missing) and the project root runs write under."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # where runs are tracked
+        probe = compose("train", overrides=["paths.output_dir=.", *overrides])
+    uri = probe.logger.tracking_uri
+    ensure_local_store(uri)
+    client = MlflowClient(uri)
+    return client, get_or_create_experiment(client, experiment_name, probe.logger), Path(probe.paths.root_dir)
+
+
+def run_recipe(overrides: list[str], client: MlflowClient, parent: str, tags: dict) -> tuple[dict, dict]:
+    """Compose train with `overrides`, run it (the whole auto recipe when auto.enabled), nest it
+    under `parent` with `tags`; returns (its row of numbers, train's result)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    t0 = time.perf_counter()
+    if (cfg.get("auto") or {}).get("enabled"):  # experiment=auto: the whole auto run counts
+        from defect_detection.auto.entry import run_auto_recipe
+
+        result = run_auto_recipe(cfg, overrides)
+    else:
+        result = train(cfg)
+    seconds = time.perf_counter() - t0
+    for key, value in {"mlflow.parentRunId": parent, **tags}.items():  # auto: its parent run nests
+        client.set_tag(result.get("auto_parent_run_id", result["run_id"]), key, value)
+    extra = {"winner": str(client.get_run(result["run_id"]).info.run_name)} if "candidates" in result else {}
+    history = client.get_metric_history(result["run_id"], "val/auroc")
+    row = {"seconds": seconds, "run_id": result["run_id"], "threshold": result["threshold"],
+           "epochs": len(history) - 1,  # the last val/auroc is the best checkpoint's
+           **{k: float(v) for k, v in {**result["val"], **result["test"]}.items()}, **extra}
+    logged = client.get_run(result["run_id"]).data.metrics
+    row.update({key: logged[key] for _, key, _ in MAP_COLUMNS if key in logged})
+    return row, result
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     command = " ".join(shlex.quote(a) for a in ["python", "scripts/compare_recipes.py", *sys.argv[1:]])
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # where runs are tracked
-        probe = compose("train", overrides=["paths.output_dir=.", *args.overrides])
-    out_dir = Path(probe.paths.root_dir) / "outputs" / "recipe_comparison" / stamp
-    uri = probe.logger.tracking_uri
-    ensure_local_store(uri)
-    client = MlflowClient(uri)
-    exp_id = get_or_create_experiment(client, args.experiment_name, probe.logger)
+    client, exp_id, root = open_store(args.experiment_name, args.overrides)
     parent = client.create_run(exp_id, run_name=f"comparison-{stamp}",
                                tags={"command": command, "role": "recipe-comparison"}).info.run_id
+    out_dir = root / "outputs" / "recipe_comparison" / stamp
 
     rows, start = [], time.perf_counter()
     first_decisions: dict[int, dict[str, bool] | None] = {}  # split seed -> the first recipe's
     try:
         for seed in args.seeds:  # seed-major: a partial table still pairs recipes on the same splits
             for recipe in args.recipes:
-                overrides = run_overrides(args, recipe, seed, out_dir)
-                with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-                    cfg = compose("train", overrides=overrides)
-                t0 = time.perf_counter()
-                if (cfg.get("auto") or {}).get("enabled"):  # experiment=auto: the whole auto run counts
-                    from defect_detection.auto.entry import run_auto_recipe
-
-                    result = run_auto_recipe(cfg, overrides)
-                else:
-                    result = train(cfg)
-                seconds = time.perf_counter() - t0
-                tags = {"mlflow.parentRunId": parent, "comparison": stamp, "recipe": recipe_label(recipe)}
-                for key, value in tags.items():  # auto: its parent run nests under the comparison
-                    client.set_tag(result.get("auto_parent_run_id", result["run_id"]), key, value)
-                if "candidates" in result:
-                    rows_extra = {"winner": str(client.get_run(result["run_id"]).info.run_name)}
-                else:
-                    rows_extra = {}
-                history = client.get_metric_history(result["run_id"], "val/auroc")
-                rows.append({"recipe": recipe_label(recipe), "seed": seed, "seconds": seconds,
-                             "run_id": result["run_id"],
-                             "threshold": result["threshold"],
-                             "epochs": len(history) - 1,  # the last val/auroc is the best checkpoint's
-                             **{k: float(v) for k, v in {**result["val"], **result["test"]}.items()},
-                             **rows_extra})
+                row, result = run_recipe(run_overrides(args, recipe, seed, out_dir), client, parent,
+                                         {"comparison": stamp, "recipe": recipe_label(recipe)})
+                rows.append({"recipe": recipe_label(recipe), "seed": seed, **row})
                 decisions = test_decisions(result)
                 if recipe == args.recipes[0]:
                     first_decisions[seed] = decisions
                 elif seed in first_decisions:
                     rows[-1]["test/flips"] = flips(decisions, first_decisions[seed])
-                logged = client.get_run(result["run_id"]).data.metrics
-                rows[-1].update({key: logged[key] for _, key, _ in MAP_COLUMNS if key in logged})
                 logging.info("%s seed %d: test auroc %.4f recall %.3f fp %d fn %d (%.0f s)", recipe, seed,
                              rows[-1]["test/auroc"], rows[-1]["test/recall"], rows[-1]["test/fp"],
-                             rows[-1]["test/fn"], seconds)
+                             rows[-1]["test/fn"], row["seconds"])
                 write_table(args, rows, command, time.perf_counter() - start)  # partial table survives a kill
     finally:
         wall = time.perf_counter() - start

@@ -156,3 +156,52 @@ def test_configured_reader_errors_surface_unwrapped(tmp_path):
                             "root": str(tmp_path / "missing"), "categories": ["bottle"]})
     with pytest.raises(UserError, match="missing"):
         records_from_config(cfg)
+
+
+def test_synthetic_line_options_portrait_jitter_grey_few_masks_and_kinds(tmp_path):
+    import json
+
+    root = generate_synthetic(tmp_path / "line", ["plate", "disc"], 4, 2, 5, 32, seed=1, height=80,
+                              height_jitter=6, grey=True, mask_fraction=0.4, defect_types=["crack", "spot"],
+                              defect_scale=0.5)
+    records = read_mvtec(root, ["plate", "disc"])
+    sizes = {Image.open(r.path).size for r in records}
+    assert {w for w, _ in sizes} == {32} and {h for _, h in sizes} <= set(range(80, 87)) and len(sizes) > 3
+    assert {Image.open(r.path).mode for r in records} == {"L"}
+    defects = [r for r in records if r.label == DEFECT]
+    assert {r.defect_type for r in defects} == {"crack", "spot"} and len(defects) == 2 * 2 * 5
+    masked = [r for r in defects if r.mask_path]
+    assert len(masked) == 2 * 4  # round(0.4 x 10) per category
+    for r in masked:
+        assert Image.open(r.mask_path).size == Image.open(r.path).size
+    ys = [np.nonzero(np.asarray(Image.open(r.mask_path)))[0].mean() for r in masked]
+    assert max(ys) > 40  # defects lie anywhere along the tall side, not only in its first square
+    marker = json.loads((root / ".synthetic.json").read_text())
+    assert marker["height"] == 80 and marker["height_jitter"] == 6 and marker["grey"] is True
+    assert marker["mask_fraction"] == 0.4 and marker["defect_types"] == ["crack", "spot"]
+    again = generate_synthetic(tmp_path / "again", ["plate", "disc"], 4, 2, 5, 32, seed=1, height=80,
+                               height_jitter=6, grey=True, mask_fraction=0.4, defect_types=["crack", "spot"],
+                               defect_scale=0.5)
+    for path in sorted(root.rglob("*.png")):
+        assert path.read_bytes() == (again / path.relative_to(root)).read_bytes()
+
+
+def test_synthetic_line_option_defaults_keep_earlier_markers(tmp_path):
+    import json
+
+    root = generate_synthetic(tmp_path / "a", ["disc"], 2, 1, 1, 32, seed=3, height=32, height_jitter=0,
+                              grey=False, mask_fraction=1.0, defect_types=list(DEFECT_TYPES))
+    assert set(json.loads((root / ".synthetic.json").read_text())) == {
+        "categories", "n_train_good", "n_test_good", "n_per_defect", "image_size", "seed"}
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"height": 16}, r"height=16: must be a whole number of pixels >= image_size \(32\)"),
+    ({"height_jitter": -1}, "height_jitter=-1"),
+    ({"mask_fraction": 1.5}, r"mask_fraction=1.5: must be in \[0, 1\]"),
+    ({"defect_types": ["dent"]}, r"defect_types=\['dent'\]"),
+    ({"defect_types": []}, r"defect_types=\[\]"),
+])
+def test_bad_synthetic_line_options_name_the_key(tmp_path, option, message):
+    with pytest.raises(ValueError, match=message):
+        generate_synthetic(tmp_path / "c", ["plate"], image_size=32, **option)

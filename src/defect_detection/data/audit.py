@@ -6,10 +6,13 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from defect_detection.base import DEFECT, GOOD
+from defect_detection.data import near_duplicates as nd
 from defect_detection.data.hashing import file_sha256
 from defect_detection.data.records import ImageRecord
 from defect_detection.data.splits import duplicate_groups
@@ -31,9 +34,10 @@ class AuditWarning:
 
 def audit_records(records: Sequence[ImageRecord], assignment: Mapping[str, str] | None = None,
                   content_hash: Callable[[str], str | None] | None = file_sha256) -> list[AuditWarning]:
-    """Every check on the records; `assignment` (path -> split name) enables the leak check."""
+    """Every check on the records; `assignment` (path -> split name) enables the leak checks."""
     return [*check_classes(records), *check_single_image_types(records),
-            *check_duplicates(records, assignment, content_hash), *check_headers(records)]
+            *check_duplicates(records, assignment, content_hash),
+            *check_near_duplicates(records, assignment, content_hash), *check_headers(records)]
 
 
 def check_classes(records: Sequence[ImageRecord]) -> list[AuditWarning]:
@@ -86,6 +90,45 @@ def check_duplicates(records: Sequence[ImageRecord], assignment: Mapping[str, st
                                                  "they count twice in training and in the metrics.",
                                     paths))
     return out
+
+
+def check_near_duplicates(records: Sequence[ImageRecord], assignment: Mapping[str, str] | None,
+                          content_hash: Callable[[str], str | None] | None = file_sha256,
+                          max_fraction: float = nd.MAX_DIFFERENT_BITS) -> list[AuditWarning]:
+    """Near-copies (the same part photographed again) in different splits: one warning naming the
+    closest pairs in its message and every pair in its paths (two by two, closest first).
+
+    Identical files are left to check_duplicates; unused files (not in any split) cannot leak.
+    """
+    if not assignment:
+        return []
+    used = sorted({r.path for r in records if assignment.get(r.path, "unused") != "unused"})
+    if len({assignment[p] for p in used}) < 2:
+        return []
+    shape = nd.hash_shape(used)
+    hashed = [(p, h) for p, h in zip(used, nd.difference_hashes(used, shape)) if h is not None]
+    if len(hashed) < 2:
+        return []
+    paths = [p for p, _ in hashed]
+    pairs = nd.near_pairs(np.stack([h for _, h in hashed]), 2 * shape[0] * shape[1], max_fraction)
+    cross = sorted(((paths[i], paths[j], d) for i, j, d in pairs
+                    if assignment[paths[i]] != assignment[paths[j]]), key=lambda pair: pair[2])
+    if content_hash:  # identical bytes: check_duplicates reports them
+        cross = [(a, b, d) for a, b, d in cross
+                 if content_hash(a) is None or content_hash(a) != content_hash(b)]
+    if not cross:
+        return []
+    splits = sorted({assignment[p] for a, b, _ in cross for p in (a, b)})
+    images = {p for a, b, _ in cross for p in (a, b)}
+    closest = "; ".join(f"{Path(a).name} ({assignment[a]}) ~ {Path(b).name} ({assignment[b]}) {d:.1%}"
+                        for a, b, d in cross[:3])
+    return [AuditWarning(
+        "near_duplicate_across_splits",
+        f"{len(cross)} pair(s) of near-duplicate images ({len(images)} images; difference hash within "
+        f"{max_fraction:.1%} of its bits) sit in different splits ({', '.join(splits)}); closest: {closest}. "
+        "Photos of one part on both sides flatter val/test: keep them in one split with split.make.groups "
+        "(a CSV column or a file-name regex). Paths: the pairs two by two, closest first.",
+        tuple(p for a, b, _ in cross for p in (a, b)))]
 
 
 def check_headers(records: Sequence[ImageRecord]) -> list[AuditWarning]:

@@ -1,14 +1,16 @@
-"""Train/val/test assignment of records: an honest stratified split and the seed's protocol."""
+"""Train/val/test assignment of records: an honest stratified split (file by file or group by
+group) and the seed's protocol."""
 
 from __future__ import annotations
 
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from defect_detection.base import DEFECT, UserError
+from defect_detection.data.groups import group_keys, grouping_enabled
 from defect_detection.data.hashing import file_sha256
 from defect_detection.data.records import ImageRecord
 
@@ -77,17 +79,23 @@ def stratum_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[i
 def stratified_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
                      test_fraction: float = 0.2, seed: int = 0,
                      content_hash: Callable[[str], str | None] | None = file_sha256,
-                     max_train_defects: int | None = None) -> Split:
+                     max_train_defects: int | None = None, groups: Mapping | None = None) -> Split:
     """Pool every image and split each (category, label) stratum with the same fractions.
 
     Identical files are a leak when they land in different splits, so each group of files with
     the same `content_hash` is assigned as a unit (to the stratum of its first path); pass
-    content_hash=None to split file by file. `max_train_defects` keeps that many train defect
+    content_hash=None to split file by file. `groups` (split.make.groups: a CSV column or a
+    file-name regex, see data/groups.py) keeps every group of related photos in one split too.
+    `max_train_defects` keeps that many train defect
     images (a seeded choice; 0: good parts only) and leaves the rest unused, with val and test
     exactly as without it: how a line with few or no defect photos would fare, on the same test.
     """
     _check_fractions(val_fraction, test_fraction)
     _check_max_train_defects(max_train_defects)
+    if grouping_enabled(groups):
+        out = grouped_assignment(records, group_keys(records, groups), val_fraction, test_fraction, seed,
+                                 content_hash)
+        return _finish(out, max_train_defects, seed)
     strata: dict[tuple[str, int], list[list[ImageRecord]]] = defaultdict(list)
     groups = duplicate_groups(records, content_hash)
     for group in groups:
@@ -110,6 +118,10 @@ def stratified_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
     if n_dup:
         log.warning("%d groups of identical files (same content hash) were each kept in one split; "
                     "see the data audit for their paths.", n_dup)
+    return _finish(out, max_train_defects, seed)
+
+
+def _finish(out: dict[str, list[ImageRecord]], max_train_defects: int | None, seed: int) -> Split:
     notes = []
     if max_train_defects is not None:
         out["train"] = _limit_train_defects(out["train"], int(max_train_defects), seed)
@@ -117,6 +129,84 @@ def stratified_split(records: Sequence[ImageRecord], val_fraction: float = 0.2,
     split = Split(**out, notes=notes)
     _check_nonempty(split)
     return split
+
+
+def grouped_assignment(records: Sequence[ImageRecord], keys: Mapping[str, str], val_fraction: float,
+                       test_fraction: float, seed: int,
+                       content_hash: Callable[[str], str | None] | None = file_sha256
+                       ) -> dict[str, list[ImageRecord]]:
+    """Whole groups to test, val or train, each (category, label) stratum near its fractions.
+
+    A group may hold several strata (a part position photographed good, then pitted), so groups
+    cannot be dealt per stratum: in a seeded order, each goes to the split whose per-stratum
+    counts it brings closest to their targets (squared shortfall relative to each target, so a
+    small defect stratum weighs as much as a large good one), or to train when it would bring
+    neither closer. Identical files join their groups; a file without a key is a group of one.
+    """
+    units = _units(records, keys, content_hash)
+    total: dict[tuple[str, int], int] = defaultdict(int)
+    for r in records:
+        total[(r.category, r.label)] += 1
+    targets = {"test": {}, "val": {}}
+    for stratum, n in total.items():
+        targets["test"][stratum], targets["val"][stratum] = stratum_counts(n, val_fraction, test_fraction)
+    have = {name: defaultdict(int) for name in targets}
+    out: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
+    placed = {s: 0 for s in SPLITS}
+    random.Random(seed).shuffle(units)
+    for unit in units:
+        counts: dict[tuple[str, int], int] = defaultdict(int)
+        for r in unit:
+            counts[(r.category, r.label)] += 1
+        gains = {name: _gain(counts, have[name], targets[name]) for name in ("test", "val")}
+        name = max(gains, key=lambda n: gains[n])  # ties: test first (dict order)
+        name = name if gains[name] > 0 else "train"
+        out[name] += unit
+        placed[name] += 1
+        if name in have:
+            for stratum, n in counts.items():
+                have[name][stratum] += n
+    log.info("split.make.groups: %d groups kept whole (a file without one counts as one): %d train / "
+             "%d val / %d test.", len(units), placed["train"], placed["val"], placed["test"])
+    return out
+
+
+def _gain(counts: Mapping, have: Mapping, target: Mapping) -> float:
+    """How much closer adding `counts` brings `have` to `target` (relative squared error)."""
+    def err(stratum, n):
+        return ((n - target[stratum]) / max(target[stratum], 1)) ** 2
+
+    return sum(err(s, have[s]) - err(s, have[s] + n) for s, n in counts.items())
+
+
+def _units(records: Sequence[ImageRecord], keys: Mapping[str, str],
+           content_hash: Callable[[str], str | None] | None) -> list[list[ImageRecord]]:
+    """Records joined by group key and by identical content, sorted so the order of `records`
+    never matters; the seeded shuffle then decides."""
+    parent = {r.path: r.path for r in records}
+
+    def find(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    def join(paths: Sequence[str]) -> None:
+        for p in paths[1:]:
+            parent[find(p)] = find(paths[0])
+
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for path, key in keys.items():
+        if path in parent:
+            by_key[key].append(path)
+    for paths in by_key.values():
+        join(paths)
+    for dup in duplicate_groups(records, content_hash):
+        join([r.path for r in dup])
+    units: dict[str, list[ImageRecord]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: r.path):
+        units[find(r.path)].append(r)
+    return sorted(units.values(), key=lambda u: u[0].path)
 
 
 def _check_max_train_defects(value) -> None:

@@ -21,14 +21,17 @@ DEFECT_TYPES = ("scratch", "spot", "crack")
 _MARKER = ".synthetic.json"
 
 
-def _texture(category: str, size: int, rng: np.random.Generator, width: int | None = None) -> np.ndarray:
-    """A `size` x `width` part (width None: square); coordinates are in units of `size`, so an
-    elongated plate or mesh keeps its pixel periods and an elongated disc part is a row of discs."""
+def _texture(category: str, size: int, rng: np.random.Generator, width: int | None = None,
+             height: int | None = None) -> np.ndarray:
+    """A `height` x `width` part (None: `size`); coordinates are in units of `size`, so an
+    elongated plate or mesh keeps its pixel periods and an elongated disc part is a row (or a
+    column) of discs."""
     width = size if width is None else width
-    yy, xx = np.mgrid[0:size, 0:width].astype(np.float32) / size
-    noise = rng.normal(0, 6, (size, width)).astype(np.float32)
+    height = size if height is None else height
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) / size
+    noise = rng.normal(0, 6, (height, width)).astype(np.float32)
     if category == "disc":
-        r = np.hypot(xx % 1.0 - 0.5 + rng.uniform(-0.03, 0.03), yy - 0.5 + rng.uniform(-0.03, 0.03))
+        r = np.hypot(xx % 1.0 - 0.5 + rng.uniform(-0.03, 0.03), yy % 1.0 - 0.5 + rng.uniform(-0.03, 0.03))
         base = np.where(r < 0.38, 150 + 25 * np.cos(r * 60), 40)
         rgb = np.stack([base * 0.9, base, base * 1.05], -1)
     elif category == "plate":
@@ -44,13 +47,16 @@ def _texture(category: str, size: int, rng: np.random.Generator, width: int | No
 
 
 def _defect_mask(kind: str, size: int, rng: np.random.Generator, scale: float = 1.0,
-                 width: int | None = None) -> Image.Image:
-    """The defect's pixels on a `size` x `width` mask (width None: square); its extent follows
+                 width: int | None = None, height: int | None = None) -> Image.Image:
+    """The defect's pixels on a `height` x `width` mask (None: `size`); its extent follows
     `size`, its centre lies in the middle half across and anywhere along an elongated part."""
-    mask = Image.new("L", (size if width is None else width, size), 0)
+    mask = Image.new("L", (size if width is None else width, size if height is None else height), 0)
     draw = ImageDraw.Draw(mask)
     lo, hi = int(size * 0.25), int(size * 0.75)
-    if width is None:
+    if height is not None:  # tall (and maybe wide): anywhere but the outer quarter-size margins
+        w = size if width is None else width
+        cx, cy = rng.integers(lo, max(lo + 1, w - lo)), rng.integers(lo, max(lo + 1, height - lo))
+    elif width is None:
         cx, cy = rng.integers(lo, hi, 2)
     else:
         cx, cy = rng.integers(lo, width - lo), rng.integers(lo, hi)
@@ -82,9 +88,10 @@ def _apply_defect(image: np.ndarray, mask: Image.Image, kind: str, contrast: flo
     return image * (1 - m) + np.asarray(colour, np.float32) * m
 
 
-def _save(array: np.ndarray, path: Path) -> None:
+def _save(array: np.ndarray, path: Path, grey: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).save(path)
+    image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    (image.convert("L") if grey else image).save(path)
 
 
 def generate_synthetic(
@@ -98,6 +105,11 @@ def generate_synthetic(
     defect_scale: float = 1.0,
     defect_contrast: float = 1.0,
     width: int | None = None,
+    height: int | None = None,
+    height_jitter: int = 0,
+    grey: bool = False,
+    mask_fraction: float = 1.0,
+    defect_types: Sequence[str] | None = None,
 ) -> Path:
     """Write the dataset under root (skipped when an identical one is already there).
 
@@ -105,7 +117,11 @@ def generate_synthetic(
     them into the part (1: drawn at full colour), for lines whose defects are small and faint.
     `width` (pixels, at least image_size; None: square) makes elongated parts, image_size high and
     `width` wide, like line scans: defects keep their image_size-relative extent and lie anywhere
-    along the long side.
+    along the long side. `height` (pixels, at least image_size) makes tall parts (portrait when
+    `width` is null), and `height_jitter` adds a seeded 0..height_jitter px to each photo's
+    height, as on a line whose crop varies by a few pixels. `grey` saves single-channel PNGs,
+    `mask_fraction` keeps the masks of that share of each category's defect images (a line
+    where only some defects were outlined) and `defect_types` draws only those kinds.
 
     Processes that generate the same root at once (parallel sweep trials on a fresh checkout)
     each write their own temporary folder and rename it into place; one that loses the race
@@ -127,6 +143,7 @@ def generate_synthetic(
                              f"({image_size}), or null for square images.")
         if int(width) != image_size:  # square data keeps its earlier marker
             params["width"] = int(width)
+    params.update(_line_params(image_size, height, height_jitter, grey, mask_fraction, defect_types))
     if _generated(root, params):
         return root
     unknown = sorted(set(categories) - set(CATEGORIES))
@@ -149,6 +166,35 @@ def generate_synthetic(
     return root
 
 
+def _line_params(image_size: int, height, height_jitter, grey, mask_fraction, defect_types) -> dict:
+    """The marker entries of the line options, only those that differ from the defaults (so the
+    markers of earlier data stay valid), checked."""
+    out: dict = {}
+    if height is not None:
+        if (isinstance(height, bool) or not isinstance(height, (int, float))
+                or not float(height).is_integer() or height < image_size):
+            raise ValueError(f"height={height!r}: must be a whole number of pixels >= image_size "
+                             f"({image_size}), or null for parts image_size high.")
+        if int(height) != image_size:
+            out["height"] = int(height)
+    if isinstance(height_jitter, bool) or not isinstance(height_jitter, int) or height_jitter < 0:
+        raise ValueError(f"height_jitter={height_jitter!r}: must be a whole number of pixels >= 0.")
+    if height_jitter:
+        out["height_jitter"] = height_jitter
+    if grey:
+        out["grey"] = True
+    if not 0 <= mask_fraction <= 1:
+        raise ValueError(f"mask_fraction={mask_fraction}: must be in [0, 1].")
+    if mask_fraction != 1:
+        out["mask_fraction"] = float(mask_fraction)
+    kinds = list(DEFECT_TYPES if defect_types is None else defect_types)
+    if not kinds or set(kinds) - set(DEFECT_TYPES):
+        raise ValueError(f"defect_types={kinds}: choose one or more of {list(DEFECT_TYPES)}.")
+    if kinds != list(DEFECT_TYPES):
+        out["defect_types"] = kinds
+    return out
+
+
 def _generated(root: Path, params: dict) -> bool:
     marker = root / _MARKER
     return marker.is_file() and json.loads(marker.read_text()) == params
@@ -156,26 +202,43 @@ def _generated(root: Path, params: dict) -> bool:
 
 def _write(tmp: Path, params: dict) -> None:
     categories, seed, image_size = params["categories"], params["seed"], params["image_size"]
-    width = params.get("width")  # None: square
+    width, grey = params.get("width"), params.get("grey", False)  # width None: image_size
+    kinds = params.get("defect_types", DEFECT_TYPES)
     n_train_good, n_test_good, n_per_defect = (params["n_train_good"], params["n_test_good"],
                                                params["n_per_defect"])
+    n_defects = len(kinds) * n_per_defect
     for c_index, category in enumerate(categories):
         rng = np.random.default_rng([seed, c_index])
+        # the line options draw from their own stream: the parts of the defaults stay as they were
+        line_rng = np.random.default_rng([seed, c_index, 1])
+        heights = iter(_heights(n_train_good + n_test_good + n_defects, params, line_rng))
+        masked = set(line_rng.permutation(n_defects)[:round(n_defects * params.get("mask_fraction", 1.0))])
         cat = tmp / category
-        for i in range(n_train_good):
-            _save(_texture(category, image_size, rng, width), cat / "train" / "good" / f"{i:03d}.png")
-        for i in range(n_test_good):
-            _save(_texture(category, image_size, rng, width), cat / "test" / "good" / f"{i:03d}.png")
-        for kind in DEFECT_TYPES:
+        for folder, n in (("train", n_train_good), ("test", n_test_good)):
+            for i in range(n):
+                part = _texture(category, image_size, rng, width, next(heights))
+                _save(part, cat / folder / "good" / f"{i:03d}.png", grey)
+        for k_index, kind in enumerate(kinds):
             for i in range(n_per_defect):
-                mask = _defect_mask(kind, image_size, rng, params.get("defect_scale", 1.0), width)
-                image = _apply_defect(_texture(category, image_size, rng, width), mask, kind,
+                h = next(heights)
+                mask = _defect_mask(kind, image_size, rng, params.get("defect_scale", 1.0), width, h)
+                image = _apply_defect(_texture(category, image_size, rng, width, h), mask, kind,
                                       params.get("defect_contrast", 1.0))
-                _save(image, cat / "test" / kind / f"{i:03d}.png")
+                _save(image, cat / "test" / kind / f"{i:03d}.png", grey)
+                if k_index * n_per_defect + i not in masked:
+                    continue
                 mask_path = cat / "ground_truth" / kind / f"{i:03d}_mask.png"
                 mask_path.parent.mkdir(parents=True, exist_ok=True)
                 mask.save(mask_path)
     (tmp / _MARKER).write_text(json.dumps(params))
+
+
+def _heights(n: int, params: dict, rng: np.random.Generator) -> list[int | None]:
+    """Each image's height (None: image_size), `height_jitter` seeded pixels added to each."""
+    height, jitter = params.get("height"), params.get("height_jitter", 0)
+    if not jitter:
+        return [height] * n
+    return [(height or params["image_size"]) + int(j) for j in rng.integers(0, jitter + 1, n)]
 
 
 def synthetic_records(root: str | Path, categories: Sequence[str] = CATEGORIES, **params):
