@@ -144,7 +144,7 @@ def test_resume_hint_repeats_the_overrides_and_another_config_is_refused(tmp_pat
     import shlex
 
     from defect_detection import project_root
-    from defect_detection.tracking.resume import prepare_resume
+    from defect_detection.pipeline.resume import prepare_resume
 
     data = _one_class_folder(tmp_path / "parts")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

@@ -119,7 +119,7 @@ def test_file_safe_keeps_a_name_in_its_folder():
 
 
 def test_resuming_a_run_whose_folder_another_run_reused_is_refused(tmp_path):
-    from defect_detection.tracking.resume import prepare_resume
+    from defect_detection.pipeline.resume import prepare_resume
 
     data = _line(tmp_path / "line")
     same = ("trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'shared-out'}")

@@ -16,7 +16,8 @@ from pytorch_lightning.callbacks import Callback
 from defect_detection import UserError
 from defect_detection.models.checkpointing import AtomicCheckpointIO
 from defect_detection.pipeline.fit import train
-from defect_detection.tracking.resume import check_checkpoint, prepare_resume
+from defect_detection.pipeline.resume import prepare_resume
+from defect_detection.tracking.resume import check_checkpoint
 from tests.conftest import compose_train
 
 FAST = ("log_model=false", "explain=none", "log_data_summary=false", "data.categories=[disc]",

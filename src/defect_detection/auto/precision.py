@@ -11,8 +11,9 @@ trainer's own precision (trainer=gpu_bf16 is one word away).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
-from omegaconf import DictConfig
 
 from defect_detection.base import UserError
 from defect_detection.models.families import family
@@ -21,7 +22,7 @@ from defect_detection.models.inference import bf16_supported
 CHOICES = ("auto", "32-true", "bf16-mixed")
 
 
-def trains_on_cpu(trainer: DictConfig) -> bool:
+def trains_on_cpu(trainer: Mapping) -> bool:
     accelerator = str(trainer.get("accelerator", "auto"))
     return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
@@ -34,11 +35,11 @@ def check_setting(setting: str) -> str:
     return setting
 
 
-def native_bf16_cpu(trainer: DictConfig) -> bool:
+def native_bf16_cpu(trainer: Mapping) -> bool:
     return trains_on_cpu(trainer) and bf16_supported(torch.device("cpu"))
 
 
-def precision_overrides(setting: str, trainer: DictConfig, family_name: str) -> list[str]:
+def precision_overrides(setting: str, trainer: Mapping, family_name: str) -> list[str]:
     """The trainer.precision override one candidate of `family_name` gets (none: the trainer's
     own). The user's own trainer.precision=... comes after it and wins."""
     setting = check_setting(setting)
@@ -49,7 +50,7 @@ def precision_overrides(setting: str, trainer: DictConfig, family_name: str) -> 
     return []
 
 
-def describe(setting: str, trainer: DictConfig) -> str:
+def describe(setting: str, trainer: Mapping) -> str:
     """One line for the log and the parent run's `auto_precision` tag."""
     setting = check_setting(setting)
     if setting != "auto":

@@ -37,6 +37,7 @@ from defect_detection.models.inference import save_bundle
 from defect_detection.models.module import DetectorModule
 from defect_detection.monitoring.reference import log_image_reference
 from defect_detection.pipeline.builders import build_datamodule, build_module, detector_name
+from defect_detection.pipeline.resume import check_same_data, continue_run, prepare_resume
 from defect_detection.reports.html import log_html_report
 from defect_detection.schema import TrainSchema, validate_train_config
 from defect_detection.tracking.mlflow_run import (
@@ -53,11 +54,8 @@ from defect_detection.tracking.mlflow_run import (
 )
 from defect_detection.tracking.pyfunc import log_pyfunc
 from defect_detection.tracking.resume import (
-    check_same_data,
     checkpoint_folder,
-    continue_run,
     note_stopped,
-    prepare_resume,
     tag_checkpoint_dir,
     tag_overrides,
     tag_resumed_from,
