@@ -78,23 +78,28 @@ def stats_of(images: list[Image.Image], size: int = 224) -> list[dict]:
 
 def image_rates(
     reference: dict,
-    pools: dict[str, list[dict]],
+    pools: dict[str, dict[str, np.ndarray]],
     n: int,
     windows: int,
     shift_sd: float,
     min_change: float,
     rng: np.random.Generator,
 ) -> dict[str, float]:
-    """Share of windows with an image alarm, per pool (unchanged and each drift)."""
-    from defect_detection.monitoring.checks import image_checks
+    """Share of windows with an image alarm, per pool (unchanged and each drift); `pools` hold each
+    statistic's per-part values (checks.stat_values), so a window is indices and means, judged by
+    the monitor's own deviation()."""
+    from defect_detection.monitoring.checks import deviation
 
     out = {}
-    for pool, stats in pools.items():
-        hits = 0
-        for _ in range(windows):
-            window = [stats[i] for i in rng.integers(0, len(stats), n)]
-            hits += any(c.alarm for c in image_checks(window, reference, shift_sd, min_change))
-        out[pool] = hits / windows
+    for pool, values in pools.items():
+        size = len(next(iter(values.values())))
+        picks = rng.integers(0, size, (windows, n))
+        alarms = np.zeros(windows, dtype=bool)
+        for key, v in values.items():
+            ref = reference["stats"][key]
+            d = np.array([deviation(key, m, ref, min_change) for m in v[picks].mean(1)])
+            alarms |= (d < -shift_sd) if key == "alignment" else (np.abs(d) > shift_sd)
+        out[pool] = float(alarms.mean())
     return out
 
 
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-change", type=float, nargs="+", default=[0.01, 0.03, 0.05])
     parser.add_argument("--bench-store", type=Path, help="a line-bench mlflow.db: score checks on its runs")
     args = parser.parse_args(argv)
-    from defect_detection.monitoring.checks import psi
+    from defect_detection.monitoring.checks import psi, stat_values
     from defect_detection.monitoring.image_stats import summarize
 
     command = " ".join(
@@ -155,9 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         half = len(images) // 2
         ref_images, stream_images = [images[i] for i in order[:half]], [images[i] for i in order[half:]]
         reference = summarize(stats_of(ref_images))
-        pools = {"unchanged": stats_of(stream_images)}
+        pools = {"unchanged": stat_values(stats_of(stream_images), reference)}
         for drift, fn in DRIFTS.items():
-            pools[drift] = stats_of([fn(im) for im in stream_images])
+            pools[drift] = stat_values(stats_of([fn(im) for im in stream_images]), reference)
         for n in args.sizes:
             for sd in args.shift_sd:
                 for floor in args.min_change:

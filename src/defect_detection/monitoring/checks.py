@@ -118,35 +118,50 @@ def score_checks(
     ]
 
 
+def stat_values(window_stats: Sequence[dict], reference: dict) -> dict[str, np.ndarray]:
+    """Per statistic the window's values (alignment: each part's correlation with the reference
+    thumbnail), for the statistics the reference has."""
+    ref_stats = reference.get("stats") or {}
+    values = {
+        k: np.array([s[k] for s in window_stats], dtype=float)
+        for k in ref_stats
+        if k != "alignment" and window_stats and all(k in s for s in window_stats)
+    }
+    if (
+        reference.get("thumb")
+        and "alignment" in ref_stats
+        and window_stats
+        and all("thumb" in s for s in window_stats)
+    ):
+        values["alignment"] = np.array([alignment(s["thumb"], reference["thumb"]) for s in window_stats])
+    return values
+
+
+def deviation(key: str, window_mean: float, ref: dict, min_change: float) -> float:
+    """A window mean's distance from the train goods' mean, in their standard deviations floored at
+    `min_change` of the mean (on a log scale for sharpness; an absolute floor for alignment)."""
+    here, mean, sd = float(window_mean), float(ref["mean"]), float(ref["std"])
+    if key in LOG_SCALE:  # log means; the reference std on a log scale from its percentiles
+        here, mean = math.log(max(here, 1e-6)), math.log(max(mean, 1e-6))
+        sd = (math.log(max(ref["p99"], 1e-6)) - math.log(max(ref["p01"], 1e-6))) / 4.65
+        floor = math.log(1 + min_change)
+    else:
+        floor = min_change * max(abs(mean), 1e-6) if key != "alignment" else min_change
+    return (here - mean) / max(sd, floor)
+
+
 def image_checks(
     window_stats: Sequence[dict], reference: dict, shift_limit_sd: float, min_change: float = 0.03
 ) -> list[Check]:
     """Each statistic's window mean against the train goods', in reference standard deviations.
 
     The deviation is measured against the train goods' spread, floored at `min_change` of the
-    reference mean (on a log scale for sharpness): parts as uniform as synthetic ones have a tiny
-    spread, and a 1 % change of brightness is no drift anyone needs to act on."""
-    if not window_stats or not reference.get("stats"):
-        return []
-    ref_stats = reference["stats"]
-    values = {
-        k: np.array([s[k] for s in window_stats], dtype=float)
-        for k in ref_stats
-        if k != "alignment" and all(k in s for s in window_stats)
-    }
-    if reference.get("thumb") and "alignment" in ref_stats and all("thumb" in s for s in window_stats):
-        values["alignment"] = np.array([alignment(s["thumb"], reference["thumb"]) for s in window_stats])
+    reference mean: parts as uniform as synthetic ones have a tiny spread, and a 1 % change of
+    brightness is no drift anyone needs to act on."""
     out = []
-    for key, v in values.items():
-        ref = ref_stats[key]
-        here, mean, sd = float(v.mean()), float(ref["mean"]), float(ref["std"])
-        if key in LOG_SCALE:  # log means; the reference std on a log scale from its percentiles
-            here, mean = math.log(max(here, 1e-6)), math.log(max(mean, 1e-6))
-            sd = (math.log(max(ref["p99"], 1e-6)) - math.log(max(ref["p01"], 1e-6))) / 4.65
-            floor = math.log(1 + min_change)
-        else:
-            floor = min_change * max(abs(mean), 1e-6) if key != "alignment" else min_change
-        d = (here - mean) / max(sd, floor)
+    for key, v in stat_values(window_stats, reference).items():
+        ref = reference["stats"][key]
+        d = deviation(key, float(v.mean()), ref, min_change)
         alarm = abs(d) > shift_limit_sd and (key != "alignment" or d < 0)
         direction = "above" if d > 0 else "below"
         out.append(
