@@ -1,0 +1,158 @@
+"""What the prediction log costs: scoring with and without it, for defect-predict and the served model.
+
+    python scripts/prediction_log_benchmark.py --out docs/results/prediction_log_overhead.md
+
+One model (trained here on synthetic parts, or --model) scores the same images --repeats times in
+each mode, alternating: no log; the log's observer during scoring (image statistics and content
+hash of every part, what defect-predict does); and after scoring the rows written in one batch
+and the small maps of flagged and borderline parts. The served model (pyfunc, base64 requests of
+--request images) is timed the same way, with the log on and off. Medians of the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+
+def parts(folder: Path, n: int, size: int, seed: int = 0) -> list[str]:
+    from defect_detection.data.synthetic import DEFECT_TYPES, synthetic_part
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        kind = str(rng.choice(DEFECT_TYPES)) if rng.random() < 0.1 else "good"
+        path = folder / f"{i:04d}.png"
+        Image.fromarray(synthetic_part("disc", kind, rng, size)).save(path)
+        out.append(str(path))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--size", type=int, default=224, help="side of the synthetic photos")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--request", type=int, default=16, help="images per served request")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    from defect_detection import fit
+    from defect_detection.data.synthetic import generate_synthetic
+    from defect_detection.models.loading import load_predictor
+    from defect_detection.monitoring.prediction_log import ModelInfo, PredictionLog
+    from defect_detection.monitoring.recorder import Recorder
+    from defect_detection.pipeline.predict import score
+
+    command = " ".join(
+        [
+            "python",
+            "scripts/prediction_log_benchmark.py",
+            *map(shlex.quote, sys.argv[1:] if argv is None else argv),
+        ]
+    )
+    work = Path(tempfile.mkdtemp(prefix="plog-bench-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
+    line = generate_synthetic(
+        work / "line", categories=("disc",), n_train_good=40, n_test_good=12, n_per_defect=8, image_size=128
+    )
+    model = fit(
+        "data=mvtec",
+        f"data.root={line}",
+        "data.categories=[disc]",
+        "data.image_size=128",
+        "trainer.max_epochs=3",
+        "explain=none",
+        "callbacks.progress_bar=null",
+        f"paths.root_dir={work}",
+    )
+    predictor = load_predictor(model.model_uri)
+    images = parts(work / "stream", args.images, args.size)
+    info = ModelInfo(model.model_uri, run_id=model.run_id)
+    times: dict[str, list[float]] = {k: [] for k in ("off", "observed", "write", "maps")}
+    for r in range(args.repeats):
+        predictor.observer = None
+        t0 = time.perf_counter()
+        score(predictor, images, progress=False)
+        times["off"].append(time.perf_counter() - t0)
+        plog = PredictionLog(f"sqlite:///{work / f'log{r}.db'}", batch_size=10_000)
+        recorder = Recorder(plog, info, "predict")
+        recorder.attach(predictor)
+        t0 = time.perf_counter()
+        table = score(predictor, images, progress=False)
+        times["observed"].append(time.perf_counter() - t0)
+        predictor.observer = None
+        t0 = time.perf_counter()
+        rows = recorder.record(images, table)
+        plog.record(rows)
+        plog.flush()
+        times["write"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        recorder.add_maps(predictor, images, rows)
+        times["maps"].append(time.perf_counter() - t0)
+        flagged = sum(1 for row in rows if row["map_png"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    # the served model: requests of base64 images, the log on and off
+    import mlflow
+
+    served = {}
+    payload = pd.DataFrame(
+        {"image_b64": [base64.b64encode(Path(p).read_bytes()).decode() for p in images[: args.request]]}
+    )
+    for mode in ("off", "on"):
+        config = {"prediction_log": {"enabled": mode == "on", "url": f"sqlite:///{work / 'served.db'}"}}
+        pyfunc = mlflow.pyfunc.load_model(model.model_uri, model_config=config)
+        pyfunc.predict(payload)  # warm-up
+        runs = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            pyfunc.predict(payload)
+            runs.append(time.perf_counter() - t0)
+        served[mode] = statistics.median(runs)
+    n = args.images
+    overhead = med["observed"] / med["off"] - 1
+    text = [
+        "# What the prediction log costs",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"{n} synthetic photos of {args.size} px, a Lite0 classifier (square 128), {args.repeats} repeats, "
+        f"medians; {flagged} of them flagged or borderline (a map each). CPU: {os.cpu_count()} cores.",
+        "",
+        "| defect-predict | seconds | ms per image | vs scoring without the log |",
+        "|---|---|---|---|",
+        f"| scoring, no log | {med['off']:.2f} | {1000 * med['off'] / n:.1f} | - |",
+        f"| scoring with the log's observer (image statistics, content hash) | {med['observed']:.2f} | "
+        f"{1000 * med['observed'] / n:.1f} | {overhead:+.1%} |",
+        f"| after scoring: the rows written (one batch) | {med['write']:.2f} | "
+        f"{1000 * med['write'] / n:.1f} | {med['write'] / med['off']:+.1%} |",
+        f"| after scoring: small maps of the flagged and borderline parts | {med['maps']:.2f} | "
+        f"{1000 * med['maps'] / max(1, flagged):.1f} per map | {med['maps'] / med['off']:+.1%} |",
+        "",
+        f"| served model, a request of {args.request} base64 images | seconds | vs the log off |",
+        "|---|---|---|",
+        f"| log off | {served['off']:.3f} | - |",
+        f"| log on (rows, maps of flagged/borderline, images kept for review) | {served['on']:.3f} | "
+        f"{served['on'] / served['off'] - 1:+.1%} |",
+    ]
+    out = "\n".join(text) + "\n"
+    print(out)
+    if args.out:
+        args.out.write_text(out)
+
+
+if __name__ == "__main__":
+    main()
