@@ -1,11 +1,5 @@
-"""Folds of train+val for threshold=cross_val, and the fold models as one ensemble.
-
-With a 60/20/20 split the threshold is chosen on the 20 % val images only; k fold models, each
-trained with the run's own recipe on the other k-1 folds of train+val, score the fold they did not
-see, so the threshold is chosen on every non-test image. Test images are never touched. Each fold
-model selects its checkpoint and stops early on its held-out fold, as the final model does on val
-(a mild optimism, shared with the final model's val scores); temperature is 1 for fold models.
-"""
+"""Folds of train+val for threshold=cross_val, and the fold models' test scores as one ensemble.
+The fold models themselves are trained by pipeline/cross_val.py."""
 
 from __future__ import annotations
 

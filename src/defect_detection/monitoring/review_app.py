@@ -13,11 +13,11 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from jinja2 import Environment, PackageLoader, select_autoescape
 from pydantic import BaseModel
 
 from defect_detection.monitoring.prediction_log import VERDICTS, PredictionLog
 from defect_detection.monitoring.review import escape_estimate, review_queue
+from defect_detection.reports.html import environment
 
 PREVIEW_SIDE = 640  # long side of the image a card shows
 
@@ -39,10 +39,7 @@ def create_app(
     limit: int = 200,
 ) -> FastAPI:
     app = FastAPI(title="defect-review", docs_url=None, redoc_url=None, openapi_url=None)
-    env = Environment(
-        loader=PackageLoader("defect_detection.reports", "templates"),
-        autoescape=select_autoescape(["html", "j2"]),
-    )
+    env = environment()
     types = list(defect_types or [])
 
     @app.get("/", response_class=HTMLResponse)

@@ -189,12 +189,9 @@ def _page(
     table: pd.DataFrame,
     types: pd.DataFrame,
 ) -> str:
-    from jinja2 import Environment, PackageLoader, select_autoescape
+    from defect_detection.reports.html import environment
 
-    env = Environment(
-        loader=PackageLoader("defect_detection.reports", "templates"),
-        autoescape=select_autoescape(["html", "j2"]),
-    )
+    env = environment()
     return env.get_template("challenge.html.j2").render(
         champion=champion,
         challenger=challenger,

@@ -208,8 +208,9 @@ def render_page(
     notes: list[str],
 ) -> str:
     """monitor.html: alarms first, then reject rate, scores and image statistics over the window."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
     from matplotlib.figure import Figure
+
+    from defect_detection.reports.html import environment
 
     x = np.arange(len(series))
     figures = []
@@ -250,10 +251,7 @@ def render_page(
         ax.set_title(key, fontsize=9)
         ax.tick_params(labelsize=7)
     figures.append(("Image statistics over the window (green: the training parts)", _png(fig)))
-    env = Environment(
-        loader=PackageLoader("defect_detection.reports", "templates"),
-        autoescape=select_autoescape(["html", "j2"]),
-    )
+    env = environment()
     return env.get_template("monitor.html.j2").render(
         model=model,
         run_id=run_id,
