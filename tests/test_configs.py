@@ -63,6 +63,9 @@ def test_seed_protocol_overlay_states_the_seed(cfg_factory):
     assert cfg.optimizer.lr == 3e-5 and cfg.optimizer.weight_decay == 1e-4
     assert cfg.trainer.max_epochs == 8 and cfg.data.batch_size == 32
     assert list(cfg.freezing.trainable) == ["last_stage", "head"]
+    # the overlay's own top-level keys win over train.yaml's (its _self_ comes before the overlays)
+    assert cfg.experiment_name == "seed-protocol"
+    assert cfg_factory("experiment=demo", fast=False).experiment_name == "demo"
 
 
 def test_tracking_uri_is_absolute_and_env_overridable(cfg_factory, monkeypatch, tmp_path):
