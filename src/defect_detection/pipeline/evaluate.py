@@ -1,7 +1,7 @@
 """`defect-eval`: score a saved model on any data config and write the test report to a new run.
 
     defect-eval model=runs:/<run_id>/model data=mvtec data.root=/data/mvtec "data.categories=[bottle]"
-    defect-eval model=models:/defect-detector@champion subset=all data=folder data.root=/new/batch
+    defect-eval model=models:/defect-classifier@champion subset=all data=folder data.root=/new/batch
     defect-eval model=outputs/train/<time>/checkpoints/best-epoch07.ckpt
     defect-eval model=runs:/<run_id>/model threshold=fp_rate_bound   # re-pick on its saved val scores
 
