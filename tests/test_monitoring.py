@@ -274,7 +274,7 @@ def test_review_queue_verdicts_escapes_and_export(deployed, tmp_path):
     plog.close()
     queue = review_queue(plog)
     kinds = [q.queue for q in queue]
-    assert kinds == sorted(kinds, key=["flagged", "borderline", "audit"].index)  # flagged first
+    assert kinds == sorted(kinds, key=["flagged", "audit", "borderline"].index)  # flagged, then the audit
     assert {q.prediction.decision for q in queue if q.queue == "flagged"} == {"defect"}
     client = TestClient(create_app(plog, reviewer="anna", defect_types=["dent"]))
     page = client.get("/")

@@ -1,6 +1,6 @@
 """The review page: a local web app (FastAPI, Jinja2, no external assets) over the prediction log.
 
-Cards of the queue (flagged, borderline, audit) with the part and its evidence map; the operator
+Cards of the queue (flagged, audit, borderline) with the part and its evidence map; the operator
 answers good / defect (with a type) / unsure by button or key (g, d, u; j/k move between cards).
 It serves only images the log recorded (by prediction id, never a path from the client) and binds
 to 127.0.0.1 unless told otherwise.
