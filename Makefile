@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint ui serve clean
+.PHONY: install demo test test-all lint docs docs-serve ui serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,13 @@ test-all: $(STAMP)  ## including the slow end-to-end runs
 	$(BIN)/pytest -q -m ''
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests scripts examples
+	$(BIN)/ruff check src tests scripts examples docs/hooks
+
+docs: $(STAMP)  ## the documentation site into site/ (strict: a broken link or a missing page fails)
+	$(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)  ## the site on http://127.0.0.1:8000, rebuilt on every change
+	$(BIN)/mkdocs serve
 
 ui: $(STAMP)  ## the MLflow UI on this project's store: http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
@@ -45,4 +51,4 @@ serve: $(STAMP)  ## serve $(MODEL) over HTTP on 127.0.0.1:$(PORT)
 		$(CURDIR)/$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(PORT)
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache site

@@ -38,7 +38,7 @@ def compose_config(config_name: str, overrides: Sequence[str] = (), config_dir: 
     """A command's config (train, eval, predict, ...) composed as the command would compose it.
 
     Outside a Hydra app there is no Hydra output folder, so `paths.output_dir` (unless given)
-    becomes a fresh <project root>/outputs/<task>/<time>-<token> folder."""
+    becomes a fresh `<project root>/outputs/<task>/<time>-<token>` folder."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -188,7 +188,7 @@ def monitor(*overrides: str, config: DictConfig | None = None, config_dir: str |
 
 
 def review(*overrides: str, config: DictConfig | None = None, config_dir: str | Path | None = None):
-    """`defect-review`: serve the review page (until stopped), or with export=<folder> write the
+    """`defect-review`: serve the review page (until stopped), or with `export=<folder>` write the
     judged parts as a dataset and return its manifest."""
     from defect_detection.pipeline.review import review as run
 
@@ -263,8 +263,8 @@ class Inspector:
     @classmethod
     def load(cls, model: str | Path = DEFAULT_MODEL, *, device: str = "cpu", runtime: str = "auto",
              tracking_uri: str | None = None, batch_size: int = 32) -> Inspector:
-        """`model`: models:/<name>@<alias>, models:/<name>/<version>, runs:/<id>/model, a bundle .pt,
-        a checkpoint .ckpt, or an exported .onnx / .xml. `tracking_uri`: the MLflow store for
+        """`model`: `models:/<name>@<alias>`, `models:/<name>/<version>`, `runs:/<id>/model`, a bundle
+        .pt, a checkpoint .ckpt, or an exported .onnx / .xml. `tracking_uri`: the MLflow store for
         runs:/ and models:/ (default MLFLOW_TRACKING_URI, else this project's mlruns/)."""
         from defect_detection.models.loading import load_predictor
         from defect_detection.tracking.mlflow_run import fluent_tracking_uri
