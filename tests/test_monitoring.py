@@ -105,7 +105,8 @@ def test_predict_logs_every_part_with_its_model_stats_hash_and_maps(deployed, tm
     root, uri, run_id, _ = deployed
     before = len(_log(deployed).window())
     parts = _parts(tmp_path / "batch", 12, seed=1)
-    table = _predict(deployed, tmp_path / "batch", "prediction_log.audit_fraction=1.0")
+    table = _predict(deployed, tmp_path / "batch", "prediction_log.audit_fraction=1.0",
+                     "prediction_log.map_budget=1000")  # no time budget: every map
     rows = _log(deployed).window()[before:]
     assert len(rows) == len(parts) == len(table)
     by_path = {r.image_path: r for r in rows}
@@ -125,6 +126,65 @@ def test_predict_logs_every_part_with_its_model_stats_hash_and_maps(deployed, tm
     assert len(again) == len(parts)
     hashes = [r.content_hash for r in _log(deployed).window()[-len(parts) :]]
     assert sorted(hashes) == sorted(r.content_hash for r in rows)
+
+
+def test_maps_keep_to_their_time_budget_most_needed_first(monkeypatch):
+    """A map costs a backward pass: the log draws maps only while the time they take stays within
+    map_budget of the scoring pass (a fake clock: each map takes 1 s)."""
+    from defect_detection.monitoring import recorder as rec
+
+    clock = iter(range(10_000))
+    monkeypatch.setattr(rec.time, "perf_counter", lambda: float(next(clock)))
+
+    def rows():
+        out = [{"image_path": f"{i}.png", "decision": "good", "borderline": False, "p_defect": 0.1,
+                "threshold": 0.5, "map_png": None} for i in range(20)]
+        out[3].update(decision="defect", p_defect=0.9)
+        out[7].update(borderline=True, p_defect=0.45)
+        out[9].update(borderline=True, p_defect=0.3)
+        out[12].update(decision="defect", p_defect=0.6)
+        return out
+
+    def draw(row):
+        next(clock)  # drawing a map takes one tick
+        return row["image_path"].encode()
+
+    # each map: one tick to draw, one to read the clock after it (2 s each); 20 parts scored
+    for budget, scoring_seconds, n_scored, expected in [
+        (0.0, 100.0, 20, []),  # no budget: no map
+        (1000.0, 100.0, 20, ["3.png", "12.png", "7.png", "9.png"]),  # flagged, then borderline nearest first
+        (0.03, 100.0, 20, []),  # 3 s of budget, the first map guessed at 3 x 5 s: none
+        (0.015, 400.0, 200, ["3.png", "12.png", "7.png"]),  # 6 s: the guess (6 s) fits, then 2 s each
+    ]:
+        r = rec.Recorder(None, None, "predict", map_budget=budget)
+        got = rows()
+        made, wanted = r.fill_maps(got, n_scored, scoring_seconds, draw)
+        assert (made, wanted) == (len(expected), 4)
+        assert {g["image_path"] for g in got if g["map_png"]} == set(expected)
+    assert [g["image_path"] for g in rec.map_order(rows())] == ["3.png", "12.png", "7.png", "9.png"]
+
+
+def test_the_review_page_draws_the_maps_scoring_left(deployed, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from defect_detection.monitoring.review_app import create_app
+    from defect_detection.pipeline.review import map_drawer
+
+    root, uri, _, env = deployed
+    before = len(_log(deployed).window())
+    _parts(tmp_path / "nomaps", 10, seed=8, defect_share=0.6)
+    _predict(deployed, tmp_path / "nomaps", "prediction_log.map_budget=0")
+    rows = _log(deployed).window()[before:]
+    wanted = [r for r in rows if r.decision == "defect" or r.borderline]
+    assert wanted and not any(r.map_png for r in rows)  # no budget: scoring drew no map
+    client = TestClient(create_app(_log(deployed), reviewer="anna",
+                                   draw_map=map_drawer(env["MLFLOW_TRACKING_URI"])))
+    assert "no map recorded" not in client.get("/").text
+    answer = client.get(f"/map/{wanted[0].id}")
+    assert answer.status_code == 200 and answer.content.startswith(b"\x89PNG")
+    assert _log(deployed).get([wanted[0].id])[0].map_png == answer.content  # kept for next time
+    without = TestClient(create_app(_log(deployed), reviewer="anna"))  # no drawer: the note, a 404
+    assert without.get(f"/map/{wanted[1].id}").status_code == 404
 
 
 def test_a_dead_log_costs_no_prediction_and_its_rows_wait(deployed, tmp_path, caplog):

@@ -301,6 +301,7 @@ class PredictionLogSchema(_Loose):
     audit_fraction: float = Field(default=0.02, ge=0, le=1)
     borderline_log_odds: float = Field(default=1.0, ge=0)
     maps: bool = True
+    map_budget: float = Field(default=0.03, ge=0)  # maps' time as a share of the scoring pass's
     image_dir: str | None = None  # served parts' images kept for review (null: beside a SQLite log)
 
 

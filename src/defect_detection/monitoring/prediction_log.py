@@ -36,6 +36,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    update,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -356,6 +357,12 @@ class PredictionLog:
             rows = list(session.scalars(select(Verdict).order_by(Verdict.id)))
             session.expunge_all()
         return {v.prediction_id: v for v in rows}
+
+    def set_map(self, prediction_id: int, png: bytes) -> None:
+        """Keep a map drawn later (the review page draws the ones scoring had no time for)."""
+        self._create()
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(Prediction).where(Prediction.id == prediction_id).values(map_png=png))
 
     def get(self, ids: Sequence[int]) -> list[Prediction]:
         self._create()

@@ -1,13 +1,18 @@
 """What a scoring pass gives the prediction log: the parts' statistics and content hashes, taken
 from the pixels the predictor decodes anyway (its observer hook), then one row per scored part, and
-small maps for the flagged and borderline parts afterwards (never inside the scoring pass)."""
+small maps for the flagged and borderline parts afterwards (never inside the scoring pass).
+
+A classifier's map costs a backward pass, several times what scoring the part cost, so maps get a
+time budget: at most `map_budget` of the scoring pass's own time (flagged parts first, then the
+borderline ones nearest the threshold). The review page draws the others when a card is shown.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,8 @@ from defect_detection.monitoring.prediction_log import ModelInfo, PredictionLog
 from defect_detection.schema import PredictionLogSchema
 
 log = logging.getLogger(__name__)
+
+MAP_COST_PER_PART = 3.0  # a map's cost guessed in parts scored (forward + backward + decode)
 
 
 def content_hash(item) -> str | None:
@@ -46,8 +53,10 @@ class Recorder:
         source: str,
         maps: bool = True,
         layer: str | list[str] | None = None,
+        map_budget: float = 0.03,
     ) -> None:
         self.log, self.model, self.source, self.maps, self.layer = log_, model, source, maps, layer
+        self.map_budget = float(map_budget)
         self.seen: dict[object, tuple[dict, str | None]] = {}
         self.seconds = 0.0  # what observing cost (stats and hashes)
 
@@ -80,31 +89,76 @@ class Recorder:
             )
         return rows
 
-    def add_maps(self, predictor, items: Sequence, rows: list[dict]) -> None:
-        """Small evidence maps for the flagged and borderline rows (after scoring: a backward pass
-        each for the classifier's Grad-CAM)."""
+    def add_maps(
+        self, predictor, items: Sequence, rows: list[dict], scoring_seconds: float
+    ) -> tuple[int, int]:
+        """Small evidence maps for the flagged and borderline rows of defect-predict (each part
+        decoded again), within the time budget; returns (maps made, maps wanted)."""
         if not self.maps or not hasattr(predictor, "net"):
-            return
-        from defect_detection.explain.gradcam import gradcam_layer_for
-        from defect_detection.explain.maps import small_map_png
+            return 0, 0
+        from defect_detection.models.inference import as_pil
 
-        layer = self.layer or gradcam_layer_for(predictor.meta["backbone"])
         by_path = {str(i): i for i in items if isinstance(i, (str, Path))}
+
+        def draw(row: dict) -> bytes:
+            image = as_pil(by_path[row["image_path"]])
+            prepared = predictor.geometry.prepare(image)
+            return draw_map(predictor, prepared, (image.height, image.width), self.layer)
+
         observer, predictor.observer = predictor.observer, None
         try:
-            for row in rows:
-                if not (row["decision"] == "defect" or row["borderline"]) or row["image_path"] not in by_path:
-                    continue
-                try:
-                    from defect_detection.models.inference import as_pil
-
-                    image = as_pil(by_path[row["image_path"]])
-                    prepared = predictor.geometry.prepare(image)
-                    row["map_png"] = small_map_png(predictor, prepared, (image.height, image.width), layer)
-                except Exception as err:  # a map is a nicety: the row is recorded without it
-                    log.warning("prediction log: no map for %s (%s)", row["image_path"], err)
+            mine = [r for r in rows if r["image_path"] in by_path]
+            return self.fill_maps(mine, len(rows), scoring_seconds, draw)
         finally:
             predictor.observer = observer
+
+    def fill_maps(
+        self, rows: list[dict], n_scored: int, scoring_seconds: float, draw: Callable[[dict], bytes]
+    ) -> tuple[int, int]:
+        """row["map_png"] = draw(row) for the rows that deserve a map (map_order), while the time
+        spent stays within `map_budget` x `scoring_seconds`; returns (maps made, maps wanted)."""
+        wanted = map_order(rows) if self.maps else []
+        if not wanted:
+            return 0, 0
+        budget = self.map_budget * max(0.0, scoring_seconds)
+        # before the first map its cost is guessed: a forward and a backward pass, about three
+        # times what scoring one part took; after that, the mean of the maps made
+        guess = MAP_COST_PER_PART * max(0.0, scoring_seconds) / max(1, n_scored)
+        made, spent, began = 0, 0.0, time.perf_counter()
+        for row in wanted:
+            if spent + (spent / made if made else guess) > budget:
+                break
+            try:
+                row["map_png"] = draw(row)
+                made += 1
+            except Exception as err:  # a map is a nicety: the row is recorded without it
+                log.warning("prediction log: no map for %s (%s)", row.get("image_path") or "a part", err)
+            spent = time.perf_counter() - began
+        if made < len(wanted):
+            log.info("prediction log: maps for %d of %d flagged/borderline parts within the time budget "
+                     "(prediction_log.map_budget=%g of scoring); the review page draws the others",
+                     made, len(wanted), self.map_budget)
+        return made, len(wanted)
+
+
+def map_order(rows: Sequence[dict]) -> list[dict]:
+    """The rows that deserve a map, most needed first: flagged parts (the operator must judge
+    them), then borderline ones by their distance to the threshold."""
+    flagged = [r for r in rows if r["decision"] == "defect"]
+    border = [r for r in rows if r["decision"] != "defect" and r.get("borderline")]
+    border.sort(key=lambda r: abs(float(r["p_defect"]) - float(r["threshold"])))
+    return flagged + border
+
+
+def draw_map(
+    predictor, prepared: np.ndarray, hw: tuple[int, int], layer: str | list[str] | None = None
+) -> bytes:
+    """The small evidence map the log keeps of one part (the classifier's Grad-CAM layer unless
+    `layer` is given)."""
+    from defect_detection.explain.gradcam import gradcam_layer_for
+    from defect_detection.explain.maps import small_map_png
+
+    return small_map_png(predictor, prepared, hw, layer or gradcam_layer_for(predictor.meta["backbone"]))
 
 
 def open_log(

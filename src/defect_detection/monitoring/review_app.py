@@ -9,13 +9,14 @@ to 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
-from defect_detection.monitoring.prediction_log import VERDICTS, PredictionLog
+from defect_detection.monitoring.prediction_log import VERDICTS, Prediction, PredictionLog
 from defect_detection.monitoring.review import escape_estimate, review_queue
 from defect_detection.reports.html import environment
 
@@ -37,7 +38,10 @@ def create_app(
     defect_types: list[str] | None = None,
     run_id: str | None = None,
     limit: int = 200,
+    draw_map: Callable[[Prediction], bytes | None] | None = None,
 ) -> FastAPI:
+    """The page's app; `draw_map` draws (and the log keeps) the map of a part that scoring left
+    without one (its time budget), when its card is shown."""
     app = FastAPI(title="defect-review", docs_url=None, redoc_url=None, openapi_url=None)
     env = environment()
     types = list(defect_types or [])
@@ -52,6 +56,7 @@ def create_app(
             defect_types=known,
             escape=escape_estimate(plog, run_id),
             reviewed=len(plog.verdicts()),
+            draws_maps=draw_map is not None,
         )
 
     @app.get("/image/{prediction_id}")
@@ -70,9 +75,17 @@ def create_app(
     @app.get("/map/{prediction_id}")
     def evidence(prediction_id: int) -> Response:
         row = _row(prediction_id)
-        if not row.map_png:
+        png = row.map_png
+        if not png and draw_map is not None:
+            try:
+                png = draw_map(row)
+            except Exception as err:  # noqa: BLE001  (the card shows the part without its map)
+                raise HTTPException(404, f"no map for this part: {type(err).__name__}: {err}") from err
+            if png:
+                plog.set_map(prediction_id, png)
+        if not png:
             raise HTTPException(404, "no map was recorded for this part")
-        return Response(row.map_png, media_type="image/png")
+        return Response(png, media_type="image/png")
 
     @app.post("/verdict")
     def verdict(body: VerdictIn) -> JSONResponse:

@@ -7,6 +7,7 @@ time), so predict decides exactly as evaluation and serving do.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,12 +83,14 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     predictor.batch_size = int(cfg.batch_size)
     recorder = _recorder(cfg, predictor, model)
     usable = [p for p, why in entries if not why]
+    began = time.perf_counter()
     scored = score(predictor, usable, on_error)
+    scoring_seconds = time.perf_counter() - began
     table = _with_refused(scored, entries, predictor.threshold)
     table.to_csv(out, index=False)
     if recorder is not None:  # after the CSV: logging never delays or loses a prediction
         rows = recorder.record([str(p) for p in usable], scored)
-        recorder.add_maps(predictor, [str(p) for p in usable], rows)
+        recorder.add_maps(predictor, [str(p) for p in usable], rows, scoring_seconds)
         recorder.log.record(rows)
         recorder.log.close()
         predictor.observer = None
@@ -131,7 +134,7 @@ def _recorder(cfg: DictConfig, predictor, model: str):
     if plog is None:
         return None
     recorder = Recorder(plog, model_info(model, str(cfg.tracking_uri), predictor.meta), "predict",
-                        maps=settings.maps)
+                        maps=settings.maps, map_budget=settings.map_budget)
     recorder.attach(predictor)
     return recorder
 

@@ -26,6 +26,7 @@ import base64
 import binascii
 import gc
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,8 +122,9 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
             except Exception as err:  # one bad row is that row's error, never the request's
                 errors[k] = row_error(err)
         ok = [k for k, a in enumerate(arrays) if a is not None]
+        began = time.perf_counter()
         p = self._scores([arrays[k] for k in ok], errors, ok)
-        self._log(items, ok, p, arrays, seen)
+        self._log(items, ok, p, arrays, seen, time.perf_counter() - began)
         del arrays
         release_memory()
         out = pd.DataFrame({"p_defect": np.nan, "is_defect": False, "decision": "error",
@@ -158,7 +160,8 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
         finally:
             image.close()
 
-    def _log(self, items: list, ok: list[int], p: np.ndarray, arrays: list, seen: list) -> None:
+    def _log(self, items: list, ok: list[int], p: np.ndarray, arrays: list, seen: list,
+             scoring_seconds: float) -> None:
         """The scored rows into the prediction log (its failures are warnings, never the request's)."""
         recorder = getattr(self, "recorder", None)
         if recorder is None:
@@ -176,17 +179,31 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
                                        not isinstance(items[k], _B64) else None,
                                        content_hash=digest, stats=stats)
                 flagged = decision == "defect" or row["borderline"]
-                if recorder.maps and flagged and hasattr(self.predictor, "net"):
-                    row["map_png"] = _small_map(self.predictor, arrays[k], hw)
                 if (flagged or row["audit"]) and isinstance(items[k], _B64):  # the review queue shows it
                     row["image_path"] = recorder.log.keep_image(base64.b64decode(items[k]), digest)
+                row["_k"] = k
                 rows.append(row)
+            self._maps(recorder, rows, arrays, seen, scoring_seconds)
             recorder.log.record(rows)
             recorder.log.flush()
         except Exception as err:  # logging must never cost the response
             import logging
 
             logging.getLogger(__name__).warning("prediction log: %s: %s", type(err).__name__, err)
+
+    def _maps(self, recorder, rows: list[dict], arrays: list, seen: list, scoring_seconds: float) -> None:
+        """Maps of the flagged and borderline rows within the recorder's time budget (the
+        prepared arrays are still in memory: no decoding)."""
+        keys = {id(r): r.pop("_k") for r in rows}
+        if not hasattr(self.predictor, "net"):
+            return
+        from defect_detection.monitoring.recorder import draw_map
+
+        def draw(row: dict) -> bytes:
+            k = keys[id(row)]
+            return draw_map(self.predictor, arrays[k], seen[k][0])
+
+        recorder.fill_maps(rows, len(rows), scoring_seconds, draw)
 
     def _scores(self, arrays: list[np.ndarray], errors: list[str | None], ok: list[int]) -> np.ndarray:
         """p_defect of the prepared arrays; when the batch fails, image by image (failures: NaN + error)."""
@@ -219,17 +236,7 @@ def _serving_recorder(config: dict, predictor):
     else:
         info = ModelInfo(uri=config.get("model_uri") or (f"runs:/{run_id}/model" if run_id else None),
                          run_id=run_id)
-    return Recorder(plog, info, "serve", maps=settings.maps)
-
-
-def _small_map(predictor, prepared: np.ndarray, hw: tuple[int, int]) -> bytes | None:
-    from defect_detection.explain.gradcam import gradcam_layer_for
-    from defect_detection.explain.maps import small_map_png
-
-    try:
-        return small_map_png(predictor, prepared, hw, gradcam_layer_for(predictor.meta["backbone"]))
-    except Exception:  # a map is a nicety
-        return None
+    return Recorder(plog, info, "serve", maps=settings.maps, map_budget=settings.map_budget)
 
 
 def row_error(err: BaseException) -> str:
