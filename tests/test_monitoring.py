@@ -149,12 +149,13 @@ def test_maps_keep_to_their_time_budget_most_needed_first(monkeypatch):
         next(clock)  # drawing a map takes one tick
         return row["image_path"].encode()
 
-    # each map: one tick to draw, one to read the clock after it (2 s each); 20 parts scored
+    # each map: one tick to draw, one to read the clock after it (2 s each); a map's first guess
+    # is MAP_COST_PER_PART (20) x the scoring time of one part
     for budget, scoring_seconds, n_scored, expected in [
         (0.0, 100.0, 20, []),  # no budget: no map
         (1000.0, 100.0, 20, ["3.png", "12.png", "7.png", "9.png"]),  # flagged, then borderline nearest first
-        (0.03, 100.0, 20, []),  # 3 s of budget, the first map guessed at 3 x 5 s: none
-        (0.015, 400.0, 200, ["3.png", "12.png", "7.png"]),  # 6 s: the guess (6 s) fits, then 2 s each
+        (0.03, 100.0, 20, []),  # 3 s of budget, the first map guessed at 20 x 5 s: none
+        (0.015, 400.0, 1334, ["3.png", "12.png", "7.png"]),  # 6 s: the guess (6 s) fits, then 2 s each
     ]:
         r = rec.Recorder(None, None, "predict", map_budget=budget)
         got = rows()

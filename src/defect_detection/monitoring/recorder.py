@@ -2,9 +2,10 @@
 from the pixels the predictor decodes anyway (its observer hook), then one row per scored part, and
 small maps for the flagged and borderline parts afterwards (never inside the scoring pass).
 
-A classifier's map costs a backward pass, several times what scoring the part cost, so maps get a
-time budget: at most `map_budget` of the scoring pass's own time (flagged parts first, then the
-borderline ones nearest the threshold). The review page draws the others when a card is shown.
+A classifier's map costs a forward and a backward pass of one image, about 20 times a part's share
+of batched scoring, so maps get a time budget: at most `map_budget` of the scoring pass's own
+time (flagged parts first, then the borderline ones nearest the threshold). The review page draws
+the others when a card is shown.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from defect_detection.schema import PredictionLogSchema
 
 log = logging.getLogger(__name__)
 
-MAP_COST_PER_PART = 3.0  # a map's cost guessed in parts scored (forward + backward + decode)
+# a map's cost guessed in parts scored: one image's forward and backward pass against a part's
+# share of a batched forward (measured 19.4 on a 2-core CPU: docs/results/prediction_log_overhead.md)
+MAP_COST_PER_PART = 20.0
 
 
 def content_hash(item) -> str | None:
@@ -121,8 +124,8 @@ class Recorder:
         if not wanted:
             return 0, 0
         budget = self.map_budget * max(0.0, scoring_seconds)
-        # before the first map its cost is guessed: a forward and a backward pass, about three
-        # times what scoring one part took; after that, the mean of the maps made
+        # before the first map its cost is guessed from what scoring one part took; after that,
+        # the mean of the maps made
         guess = MAP_COST_PER_PART * max(0.0, scoring_seconds) / max(1, n_scored)
         made, spent, began = 0, 0.0, time.perf_counter()
         for row in wanted:

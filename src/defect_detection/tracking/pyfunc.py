@@ -126,7 +126,8 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
         p = self._scores([arrays[k] for k in ok], errors, ok)
         self._log(items, ok, p, arrays, seen, time.perf_counter() - began)
         del arrays
-        release_memory()
+        if budget.pixels > RELEASE_AFTER_PIXELS:  # a full collection costs ~0.5 s in a served process
+            release_memory()
         out = pd.DataFrame({"p_defect": np.nan, "is_defect": False, "decision": "error",
                             "threshold": self.predictor.threshold, "error": errors}, index=range(len(items)))
         for k, value in zip(ok, p):
@@ -242,6 +243,12 @@ def _serving_recorder(config: dict, predictor):
 def row_error(err: BaseException) -> str:
     """The text of one row's error: our own messages as they are, anything else with its type."""
     return str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+
+
+# Requests that decoded more than this many pixels (about 100 MB of RGB) hand their buffers back
+# to the OS afterwards; smaller ones leave it to the allocator (gc.collect took 0.52 s of a 2.4 s
+# request of 16 photos of 224 px: measured with cProfile on a 2-core CPU).
+RELEASE_AFTER_PIXELS = 32_000_000
 
 
 def release_memory() -> None:
