@@ -75,6 +75,8 @@ DEFAULT_SUITE = {"new_line"}
 EXPECT = {
     "new_line": ["practice/line: good 60", "auto: winner", "Promoted run", "Scored 50 images"],
     "good_only": ["Promoted run", "overlays.csv"],
+    "masks": ["masks 36", "masks: 3 runs by val/auroc"],
+    "line_scan": ["scan: 2 runs by val/auroc", "candidates: classifier-tiles"],
     "deploy": ["champion.onnx", "champion.xml"],
     "sweep_promote": ["Promoted run"],
     "after_deployment": ["ALARM", "defect-monitor exit code 3", "Exported", "challenger"],
