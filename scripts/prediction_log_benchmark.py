@@ -68,13 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
     line = generate_synthetic(
         work / "line", categories=("disc",), n_train_good=40, n_test_good=12, n_per_defect=8,
-        image_size=args.size,  # photos as large as the stream's; the network sees 128 px of both
+        image_size=args.size,  # photos as large as the stream's
     )
     model = fit(
         "data=mvtec",
         f"data.root={line}",
         "data.categories=[disc]",
-        "data.image_size=128",
         "trainer.max_epochs=3",
         "explain=none",
         "callbacks.progress_bar=null",
@@ -146,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Command: `{command}`",
         "",
-        f"{n} synthetic photos of {args.size} px, a Lite0 classifier (square 128), {args.repeats} repeats, "
+        f"{n} synthetic photos of {args.size} px, the default classifier (Lite0, square 224), "
+        f"{args.repeats} repeats, "
         f"medians; {wanted} of them flagged or borderline (wanting a map), {made} maps drawn within the "
         f"default time budget (prediction_log.map_budget={recorder.map_budget:g} of the scoring pass); "
         f"the review page draws the others when shown. CPU: {os.cpu_count()} cores.",
