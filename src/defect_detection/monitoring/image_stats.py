@@ -45,10 +45,11 @@ def image_stats(prepared: np.ndarray, hw: tuple[int, int]) -> dict:
     flat = rgb.reshape(-1, 3)
     means = (np.ones(len(flat), dtype=np.float32) @ flat) / len(flat)  # BLAS: 25x a strided mean(0)
     total = max(float(means.sum()), 1e-6)
+    var = float(grey.var())
     return {
         "brightness": float(grey.mean()),
-        "contrast": float(grey.std()),
-        "sharpness": float(lap.var() / max(float(grey.var()), 1e-6)),
+        "contrast": var**0.5,
+        "sharpness": float(lap.var()) / max(var, 1e-6),
         "red_share": float(means[0] / total),
         "blue_share": float(means[2] / total),
         "height": int(hw[0]),

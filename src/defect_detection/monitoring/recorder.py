@@ -26,7 +26,8 @@ from defect_detection.schema import PredictionLogSchema
 log = logging.getLogger(__name__)
 
 # a map's cost guessed in parts scored: one image's forward and backward pass against a part's
-# share of a batched forward (measured 19.4 on a 2-core CPU: docs/results/prediction_log_overhead.md)
+# share of a batched forward (measured 3.6 to 19.4 on a 2-core CPU, quiet to loaded:
+# docs/results/prediction_log_overhead.md); the larger guess errs towards fewer maps at scoring
 MAP_COST_PER_PART = 20.0
 
 
