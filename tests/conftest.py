@@ -24,6 +24,18 @@ def compose_train(root: Path, *overrides: str, fast: bool = True) -> DictConfig:
         return compose("train", overrides=[*base, *overrides])
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _nothing_written_into_the_checkout():
+    """Tests keep their stores, logs and outputs under temporary folders: a stray file in the
+    checkout (a prediction log or an MLflow database beside the current folder) fails the run."""
+    root = Path(__file__).resolve().parents[1]
+    strays = ("predictions.db", "mlflow.db")
+    before = {name for name in strays if (root / name).exists()}
+    yield
+    after = {name for name in strays if (root / name).exists()}
+    assert after <= before, f"tests wrote {sorted(after - before)} into {root}"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow_state():
     """MLflow's fluent API keeps a process-wide active experiment/run: never leak it between tests."""

@@ -185,8 +185,11 @@ def test_predict_takes_the_exported_ir(openvino_fp32, bundle, split_images, tmp_
         predict(cfg)
 
 
-def test_pyfunc_scores_with_the_runtime_asked_for(bundle, split_images, tmp_path):
+def test_pyfunc_scores_with_the_runtime_asked_for(bundle, split_images, tmp_path, monkeypatch):
     import mlflow
+
+    # the served model's prediction log goes beside this store (not into the current folder)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
 
     from defect_detection.models.openvino_predictor import OpenVinoPredictor
     from defect_detection.tracking.pyfunc import MODEL_CONFIG, PIP_REQUIREMENTS, DefectPyfunc

@@ -227,7 +227,9 @@ def _serving_recorder(config: dict, predictor):
     from defect_detection.schema import PredictionLogSchema
 
     settings = PredictionLogSchema.model_validate(config.get("prediction_log") or {"enabled": False})
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    # the store the model was loaded from: the environment's, else the one set in this process
+    # (mlflow.set_tracking_uri, as a notebook or a test does); its log goes beside it
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri() or ""
     plog = open_log(settings, uri, Path.cwd())
     if plog is None:
         return None
