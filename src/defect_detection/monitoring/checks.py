@@ -151,7 +151,7 @@ def deviation(key: str, window_mean: float, ref: dict, min_change: float) -> flo
 
 
 def image_checks(
-    window_stats: Sequence[dict], reference: dict, shift_limit_sd: float, min_change: float = 0.01
+    window_stats: Sequence[dict], reference: dict, shift_limit_sd: float, min_change: float = 0.03
 ) -> list[Check]:
     """Each statistic's window mean against the train goods', in reference standard deviations.
 

@@ -96,7 +96,7 @@ def monitor(cfg: DictConfig) -> MonitorResult:
         *score_checks(
             log_odds[decisions == "good"], reference.val_good_log_odds, float(a.psi), float(a.ks_alpha)
         ),
-        *image_checks(stats, reference.image, float(a.shift_sd), float(a.get("min_change", 0.01))),
+        *image_checks(stats, reference.image, float(a.shift_sd), float(a.get("min_change", 0.03))),
     ]
     notes = (
         []
