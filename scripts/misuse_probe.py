@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import fnmatch
 import json
 import os
 import pickle
@@ -56,6 +57,15 @@ def make_line(root: Path, n_good: int = 20, n_defect: int = 10, seed: int = 0, s
         _png(root / "defect" / "scratch" / f"d{i:03d}.png", rng, size, defect=True)
     return root
 
+
+
+def matching(root: Path, pattern: str) -> list[Path]:
+    """Paths under `root` whose name matches `pattern`; folders that other processes remove while
+    this walks (the temporary folder is shared) are skipped, not an error."""
+    out = []
+    for folder, dirs, files in os.walk(root, onerror=lambda err: None):
+        out += [Path(folder) / n for n in fnmatch.filter(dirs + files, pattern)]
+    return out
 
 class Probe:
     def __init__(self, code: Path, work: Path) -> None:
@@ -221,9 +231,9 @@ class Probe:
     def c1d(self):
         data = self.folder("c1d-data")
         root = self.work / "c1d"
-        before = set(self.work.parent.rglob("*EVIL*"))
+        before = set(matching(self.work.parent, "*EVIL*"))
         rc, out = self.train(data, root, "run_name=../../../EVIL", "experiment_name=../../EVIL2")
-        stray = [p for p in set(self.work.parent.rglob("*EVIL*")) - before if root not in p.parents]
+        stray = [p for p in set(matching(self.work.parent, "*EVIL*")) - before if root not in p.parents]
         clean = not stray and (rc == 0 or self.one_line_error(rc, out))
         self.record(
             "1d",
