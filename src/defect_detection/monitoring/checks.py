@@ -89,14 +89,15 @@ MIN_PSI_REFERENCE = 20  # fewer val goods: their quantile bins are too coarse fo
 
 
 def score_checks(
-    passed_log_odds: np.ndarray, ref_log_odds: np.ndarray, psi_limit: float, ks_alpha: float
+    passed_log_odds: np.ndarray, ref_log_odds: np.ndarray, psi_limit: float | None, ks_alpha: float
 ) -> list[Check]:
-    """The passed parts' scores against the val goods' (the PSI only with >= MIN_PSI_REFERENCE of them)."""
+    """The passed parts' scores against the val goods' (the PSI only with >= MIN_PSI_REFERENCE of them;
+    psi_limit None: the PSI is reported, never an alarm)."""
     value = psi(ref_log_odds, passed_log_odds) if len(ref_log_odds) >= MIN_PSI_REFERENCE else float("nan")
     enough = len(passed_log_odds) and len(ref_log_odds)
     p_value = float(scipy_stats.ks_2samp(passed_log_odds, ref_log_odds).pvalue) if enough else float("nan")
     shift = float(np.median(passed_log_odds) - np.median(ref_log_odds)) if enough else float("nan")
-    psi_alarm = math.isfinite(value) and value > psi_limit
+    psi_alarm = psi_limit is not None and math.isfinite(value) and value > psi_limit
     ks_alarm = math.isfinite(p_value) and p_value < ks_alpha
     cause = "the passed parts score unlike the validated goods: drift, or a new kind of part"
     psi_text = (
@@ -106,7 +107,8 @@ def score_checks(
         else f"PSI not computed: {len(ref_log_odds)} val goods (< {MIN_PSI_REFERENCE})"
     )
     return [
-        Check("score_psi", value, psi_limit, psi_alarm, psi_text, cause if psi_alarm else ""),
+        Check("score_psi", value, float("nan") if psi_limit is None else psi_limit, psi_alarm, psi_text,
+              cause if psi_alarm else ""),
         Check(
             "score_ks_p",
             p_value,

@@ -94,7 +94,10 @@ def monitor(cfg: DictConfig) -> MonitorResult:
             float(a.reject_alpha),
         ),
         *score_checks(
-            log_odds[decisions == "good"], reference.val_good_log_odds, float(a.psi), float(a.ks_alpha)
+            log_odds[decisions == "good"],
+            reference.val_good_log_odds,
+            None if a.get("psi") is None else float(a.psi),
+            float(a.ks_alpha),
         ),
         *image_checks(stats, reference.image, float(a.shift_sd), float(a.get("min_change", 0.03))),
     ]
