@@ -38,7 +38,7 @@ def wait_for(url: str, seconds: float = 120) -> None:
                     return
         except OSError:
             time.sleep(1)
-    raise SystemExit(f"mlflow ui did not answer at {url} within {seconds:.0f} s")
+    raise SystemExit(f"nothing answered at {url} within {seconds:.0f} s")
 
 
 def shoot(chromium: str, url: str, out: Path, size: str, profile: Path, budget_ms: int,

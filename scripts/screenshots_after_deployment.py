@@ -13,30 +13,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise SystemExit(f"{url} did not answer within {seconds:.0f} s")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from screenshots import free_port, wait_for  # noqa: E402  (the MLflow UI screenshots' helpers)
 
 
 def newest_alarm_page(root: Path) -> Path | None:
