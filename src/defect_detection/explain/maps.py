@@ -34,16 +34,18 @@ def original_maps(predictor, items: Sequence, layer: str | list[str]) -> list[np
 
 
 def small_map_png(predictor, prepared: np.ndarray, hw: tuple[int, int], layer: str | list[str],
-                  size: int = 64) -> bytes:
+                  size: int = 64, decided: str | None = None) -> bytes:
     """A small grey PNG (long side `size`) of the evidence map of one prepared image, for the
-    decided class: what the prediction log keeps of flagged and borderline parts."""
+    decided class: what the prediction log keeps of flagged and borderline parts. `decided`
+    ("good"/"defect"), when the caller already scored the part, saves scoring it again."""
     import io
 
     from PIL import Image
 
     geometry, threshold = predictor.geometry, predictor.threshold
     x = predictor._normalise(prepared)
-    decided = "defect" if predictor.p_defect_prepared([prepared])[0] >= threshold else "good"
+    if decided is None:
+        decided = "defect" if predictor.p_defect_prepared([prepared])[0] >= threshold else "good"
     [m], _ = geometry_cams(predictor.net, layer, [x], geometry, target=decided, threshold=threshold,
                            temperature=float(predictor.meta.get("temperature", 1.0)))
     top, left, h, w = geometry.content_box(hw)

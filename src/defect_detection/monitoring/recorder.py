@@ -100,14 +100,10 @@ class Recorder:
         decoded again), within the time budget; returns (maps made, maps wanted)."""
         if not self.maps or not hasattr(predictor, "net"):
             return 0, 0
-        from defect_detection.models.inference import as_pil
-
         by_path = {str(i): i for i in items if isinstance(i, (str, Path))}
 
         def draw(row: dict) -> bytes:
-            image = as_pil(by_path[row["image_path"]])
-            prepared = predictor.geometry.prepare(image)
-            return draw_map(predictor, prepared, (image.height, image.width), self.layer)
+            return draw_map_of(predictor, by_path[row["image_path"]], row["decision"], self.layer)
 
         observer, predictor.observer = predictor.observer, None
         try:
@@ -155,14 +151,27 @@ def map_order(rows: Sequence[dict]) -> list[dict]:
 
 
 def draw_map(
-    predictor, prepared: np.ndarray, hw: tuple[int, int], layer: str | list[str] | None = None
+    predictor,
+    prepared: np.ndarray,
+    hw: tuple[int, int],
+    decided: str | None = None,
+    layer: str | list[str] | None = None,
 ) -> bytes:
-    """The small evidence map the log keeps of one part (the classifier's Grad-CAM layer unless
-    `layer` is given)."""
+    """The small evidence map the log keeps of one part, for the class it was decided as (the
+    classifier's Grad-CAM layer unless `layer` is given)."""
     from defect_detection.explain.gradcam import gradcam_layer_for
     from defect_detection.explain.maps import small_map_png
 
-    return small_map_png(predictor, prepared, hw, layer or gradcam_layer_for(predictor.meta["backbone"]))
+    layer = layer or gradcam_layer_for(predictor.meta["backbone"])
+    return small_map_png(predictor, prepared, hw, layer, decided=decided)
+
+
+def draw_map_of(predictor, item, decided: str | None = None, layer: str | list[str] | None = None) -> bytes:
+    """draw_map() of an image file (or array) not decoded yet: decoded and prepared as scoring does."""
+    from defect_detection.models.inference import as_pil
+
+    image = as_pil(item)
+    return draw_map(predictor, predictor.geometry.prepare(image), (image.height, image.width), decided, layer)
 
 
 def open_log(

@@ -9,10 +9,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from defect_detection.base import project_root
-from defect_detection.data.images import load_rgb
 from defect_detection.models.loading import load_predictor
 from defect_detection.monitoring.prediction_log import Prediction, PredictionLog, default_url
-from defect_detection.monitoring.recorder import draw_map, resolve_model
+from defect_detection.monitoring.recorder import draw_map_of, resolve_model
 from defect_detection.monitoring.review import escape_estimate, export_reviewed
 from defect_detection.redact import redact
 from defect_detection.tracking.mlflow_run import fluent_tracking_uri
@@ -43,8 +42,7 @@ def map_drawer(tracking_uri: str) -> Callable[[Prediction], bytes | None]:
         predictor = predictors[row.model_uri]
         if not hasattr(predictor, "net"):
             return None
-        image = load_rgb(row.image_path)
-        return draw_map(predictor, predictor.geometry.prepare(image), (image.height, image.width))
+        return draw_map_of(predictor, row.image_path, row.decision)
 
     return draw
 

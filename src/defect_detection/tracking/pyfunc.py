@@ -168,7 +168,7 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
         if recorder is None:
             return
         try:
-            rows = []
+            rows, part_of = [], {}  # part_of: a row's index in the request (its prepared array)
             for k, value in zip(ok, p):
                 if np.isnan(value):
                     continue
@@ -182,9 +182,9 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
                 flagged = decision == "defect" or row["borderline"]
                 if (flagged or row["audit"]) and isinstance(items[k], _B64):  # the review queue shows it
                     row["image_path"] = recorder.log.keep_image(base64.b64decode(items[k]), digest)
-                row["_k"] = k
+                part_of[id(row)] = k
                 rows.append(row)
-            self._maps(recorder, rows, arrays, seen, scoring_seconds)
+            self._maps(recorder, rows, part_of, arrays, seen, scoring_seconds)
             recorder.log.record(rows)
             recorder.log.flush()
         except Exception as err:  # logging must never cost the response
@@ -192,17 +192,17 @@ class DefectPyfunc(mlflow.pyfunc.PythonModel):
 
             logging.getLogger(__name__).warning("prediction log: %s: %s", type(err).__name__, err)
 
-    def _maps(self, recorder, rows: list[dict], arrays: list, seen: list, scoring_seconds: float) -> None:
+    def _maps(self, recorder, rows: list[dict], part_of: dict[int, int], arrays: list, seen: list,
+              scoring_seconds: float) -> None:
         """Maps of the flagged and borderline rows within the recorder's time budget (the
         prepared arrays are still in memory: no decoding)."""
-        keys = {id(r): r.pop("_k") for r in rows}
         if not hasattr(self.predictor, "net"):
             return
         from defect_detection.monitoring.recorder import draw_map
 
         def draw(row: dict) -> bytes:
-            k = keys[id(row)]
-            return draw_map(self.predictor, arrays[k], seen[k][0])
+            k = part_of[id(row)]
+            return draw_map(self.predictor, arrays[k], seen[k][0], row["decision"])
 
         recorder.fill_maps(rows, len(rows), scoring_seconds, draw)
 
