@@ -37,7 +37,9 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from defect_detection import project_root  # noqa: E402
 
 EXPERIMENT = "line-bench"
-RECIPES = {"default": [], "auto": ["experiment=auto", "auto.budget_minutes=10"]}
+RECIPES = {"default": [], "auto": ["experiment=auto", "auto.budget_minutes=10"],
+           # the native patch head alone: auto's patchhead-native candidate, sized from each line's photos
+           "native": ["experiment=auto", "auto.only=[patchhead-native]"]}
 
 
 def _synthetic(name: str, category: str, **records) -> list[str]:

@@ -109,6 +109,9 @@ class AutoSchema(_Loose):
     min_train_defects: int = Field(default=10, ge=0)
     tie_se: float = Field(default=1.0, ge=0)
     max_candidates: int | None = Field(default=None, ge=1)
+    native_factor: float = Field(default=1.5, gt=0)
+    native_max_pixels: int = Field(default=500_000, ge=1024)
+    only: list[str] | None = None
 
 
 class BackboneSchema(_Loose):
@@ -138,6 +141,12 @@ class DetectorSchema(_Loose):
     frozen_stride: int = Field(default=8, ge=0)
     pixel_loss_weight: float = Field(default=1.0, ge=0)
     mask_fraction: float = 1.0
+    topk: int = Field(default=3, ge=1)
+    grid_stride: int = Field(default=16, ge=1)
+    patch_loss_weight: float = Field(default=1.0, ge=0)
+    head_lr: float = Field(default=1.0e-3, gt=0)
+    epochs: int = Field(default=40, ge=1)
+    cache_gb: float = Field(default=6.0, ge=0)
 
 
 class ExplainSchema(_Loose):

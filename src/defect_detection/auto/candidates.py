@@ -3,9 +3,12 @@ likely best runs first. Each rule is one readable sentence in `reason`, logged w
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from defect_detection.auto.profile import DataProfile
+from defect_detection.base import UserError
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,32 @@ def geometries(
     return [square]
 
 
+def native_size(profile: DataProfile, max_pixels: int) -> tuple[int, int, float]:
+    """(h, w, scale): the median photo at native resolution, scaled down (aspect kept) to at most
+    `max_pixels`, the most one backbone pass per image affords within the budget."""
+    h, w = profile.height, profile.width
+    scale = min(1.0, math.sqrt(max_pixels / max(1, h * w)))
+    return max(32, round(h * scale)), max(32, round(w * scale)), scale
+
+
+def native(profile: DataProfile, size: int, native_factor: float, max_pixels: int) -> Candidate | None:
+    """The patch head on cached frozen features at (nearly) native resolution, whenever the photos
+    are larger than the working size: what squashing to `size` would lose, it keeps."""
+    if profile.train_defects == 0 or profile.long_side() < native_factor * size:
+        return None
+    h, w, scale = native_size(profile, max_pixels)
+    return Candidate(
+        "patchhead-native",
+        ["detector=patchhead", "input=letterbox", f"data.image_size=[{h},{w}]"],
+        f"photos {profile.width} x {profile.height} px > {native_factor:g} x {size}: a head on frozen features "
+        f"computed once per image at {w} x {h} (scale {scale:.2f}) keeps small defects at one backbone pass "
+        "per image",
+        "patchhead",
+        "native",
+        h * w,
+    )
+
+
 def candidates(
     profile: DataProfile,
     size: int,
@@ -96,14 +125,27 @@ def candidates(
     elongated_aspect: float = 2.0,
     large_factor: float = 3.0,
     min_train_defects: int = 10,
+    native_factor: float = 1.5,
+    native_max_pixels: int = 500_000,
+    only: Sequence[str] | None = None,
 ) -> list[Candidate]:
-    """Every (family, geometry) pair: each family on the likeliest geometry, then on the next."""
+    """Every (family, geometry) pair: each family on the likeliest geometry, then on the next;
+    the native patch head after the first geometry's candidates. `only`: these labels, in order."""
     fams = families(profile, min_train_defects)
     geos = geometries(profile, size, elongated_aspect, large_factor)
     out = []
-    for geo, g_over, pixels, g_why in geos:
+    for k, (geo, g_over, pixels, g_why) in enumerate(geos):
         for fam, f_why in fams:
             out.append(
                 Candidate(f"{fam}-{geo}", [f"detector={fam}", *g_over], f"{f_why}; {g_why}", fam, geo, pixels)
             )
+        if k == 0 and (head := native(profile, size, native_factor, native_max_pixels)) is not None:
+            out.append(head)
+    if only:
+        by_label = {c.label: c for c in out}
+        missing = [label for label in only if label not in by_label]
+        if missing:
+            raise UserError(f"auto.only={list(only)}: {missing} not among this data's candidates "
+                            f"{list(by_label)}.")
+        out = [by_label[label] for label in only]
     return out

@@ -250,6 +250,9 @@ def run_auto(
         elongated_aspect=float(auto.elongated_aspect),
         large_factor=float(auto.large_factor),
         min_train_defects=int(auto.min_train_defects),
+        native_factor=float(auto.get("native_factor", 1.5)),
+        native_max_pixels=int(auto.get("native_max_pixels", 500_000)),
+        only=list(auto.only) if auto.get("only") else None,
     )
     if auto.get("max_candidates"):
         todo = todo[: int(auto.max_candidates)]

@@ -143,9 +143,14 @@ class DetectorModule(pl.LightningModule):
         self.log(name, loss, on_step=True, on_epoch=True, prog_bar=name == "train/loss", batch_size=n,
                  sync_dist=True)  # DDP: the epoch value is the mean over every rank's batches
 
+    def _eval_logits(self, stage: str, b: Batch) -> torch.Tensor:
+        """Tile logits of a val/test batch (a family may serve val from a cache of its own)."""
+        return self._score(b.x).float()
+
     def _eval_step(self, stage: str, batch, threshold: float) -> None:
-        x, y, idx, counts = _as_batch(batch)[:4]
-        logits = self.pool(self._score(x).float(), counts)
+        b = _as_batch(batch)
+        y, idx, counts = b.y, b.index, b.counts
+        logits = self.pool(self._eval_logits(stage, b), counts)
         p = self.probabilities(logits)
         pred = (p >= threshold).long()
         decisions = getattr(self, f"{stage}_decisions")

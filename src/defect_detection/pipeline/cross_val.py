@@ -58,7 +58,7 @@ def fold_scores(cfg: DictConfig, split: Split | None = None,
                      if c and name != "progress_bar"]
         trainer = instantiate(fold_cfg.trainer, logger=False, callbacks=callbacks,
                               plugins=[AtomicCheckpointIO()], enable_progress_bar=False,
-                              **family(detector_name(fold_cfg)).trainer)
+                              **family(detector_name(fold_cfg)).trainer_values(fold_cfg.detector))
         trainer.fit(module, datamodule=datamodule, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False,

@@ -104,7 +104,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict:
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c] + [RngStateCallback(), owner]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
                                       plugins=[AtomicCheckpointIO()],
-                                      **family(detector_name(cfg)).trainer)
+                                      **family(detector_name(cfg)).trainer_values(cfg.detector))
     # after the Trainer: only then is this process's DDP rank known (other nodes' first process
     # looks like rank 0 before). Rank 0 alone logs params, artifacts and the model.
     check_launch(trainer)  # DDP processes must come from the CLI, torchrun or SLURM

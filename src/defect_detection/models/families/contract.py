@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -21,3 +22,9 @@ class Family:
     # bf16-mixed training measured to keep its test decisions (docs/results/bf16_*.md): what
     # experiment=auto's precision=auto may switch on for it on a CPU with native bfloat16
     bf16_training: bool = False
+    # trainer values read from the family's own settings (detector config -> dict), e.g. the patch
+    # head's epochs, which cost seconds where a fine-tuned backbone's cost minutes
+    trainer_of: Callable[[Any], dict] | None = None
+
+    def trainer_values(self, detector: Any) -> dict:
+        return {**self.trainer, **(self.trainer_of(detector) if self.trainer_of else {})}
