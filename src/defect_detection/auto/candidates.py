@@ -109,9 +109,9 @@ def native(profile: DataProfile, size: int, native_factor: float, max_pixels: in
     return Candidate(
         "patchhead-native",
         ["detector=patchhead", "input=letterbox", f"data.image_size=[{h},{w}]"],
-        f"photos {profile.width} x {profile.height} px > {native_factor:g} x {size}: a head on frozen features "
-        f"computed once per image at {w} x {h} (scale {scale:.2f}) keeps small defects at one backbone pass "
-        "per image",
+        f"photos {profile.width} x {profile.height} px > {native_factor:g} x {size}: a head on frozen "
+        f"features computed once per image at {w} x {h} (scale {scale:.2f}) keeps small defects at one "
+        "backbone pass per image",
         "patchhead",
         "native",
         h * w,

@@ -18,8 +18,8 @@ def build_module(s: ModelSettings, class_counts: tuple[int, int], meta: dict) ->
     strides = list(det.strides)
     meta.update({"strides": strides, "width": det.width, "neighbourhood": det.neighbourhood,
                  "topk": det.topk, "grid_stride": det.grid_stride})
-    net = PatchHeadNet(bb.name, strides, bb.pretrained, bb.weights_path, det.width, det.neighbourhood, det.topk,
-                       det.grid_stride, download=bb.download)
+    net = PatchHeadNet(bb.name, strides, bb.pretrained, bb.weights_path, det.width, det.neighbourhood,
+                       det.topk, det.grid_stride, download=bb.download)
     loss = build_loss(s.loss.name, class_counts, s.loss.weights, s.loss.gamma)
     optimizer = instantiate(instantiable(s.optimizer))
     head_lr, epochs = float(det.head_lr), int(det.epochs)
