@@ -92,3 +92,75 @@ def test_fold_ensemble_rows_are_judged_on_the_mean_log_odds_of_the_fold_models(s
                                                                                    "threshold"]
     text = study.markdown(args, study.evaluate_policies(args), "cmd")
     assert "fold models ensembled: test AUROC" in text and "| synthetic | 0 | 0.8333 | 1.0000 |" in text
+
+
+# --- report --bench-state: the same comparison on a line bench's runs ---------------------------
+
+
+def test_val_only_policies_are_the_threshold_options_as_defect_train_composes_them(study):
+    settings = study.val_only_policies(0.05)
+    assert not any(s["policy"] == "cross_val" for s in settings.values())  # needs fold models
+    assert {s["policy"] for s in settings.values()} == {
+        "max_recall_at_fp", "f1_max", "fp_rate_bound", "cost", "min_fp_at_recall", "fixed"}
+    # the study's hand-written k=0 is conf/threshold/max_recall_at_fp.yaml, the current default
+    assert settings["max_recall_at_fp k=0"] == study.policies(0.05)["max_recall_at_fp k=0"]
+    assert study.current_default(settings) == "max_recall_at_fp k=0"
+    assert settings["max_recall_at_fp k=1"]["max_fp"] == 1
+    assert settings["fp_rate_bound exp_tail"]["estimator"] == "exp_tail"
+    assert study.val_only_policies(0.02)["fp_rate_bound normal"]["max_fp_rate"] == 0.02
+
+
+def _bench(tmp_path, runs):
+    """A line bench state and per-run artifact folders (scores + reports/threshold.json)."""
+    import json
+
+    rows = []
+    for i, (line, seed, val, test, logged) in enumerate(runs):
+        run_id = f"run{i}"
+        folder = tmp_path / run_id
+        (folder / "scores").mkdir(parents=True)
+        (folder / "reports").mkdir()
+        val.to_csv(folder / "scores" / "val_scores.csv", index=False)
+        test.to_csv(folder / "scores" / "test_scores.csv", index=False)
+        config = {"policy": "max_recall_at_fp", "max_fp": 0}
+        (folder / "reports" / "threshold.json").write_text(json.dumps(
+            {"value": logged, "policy": "max_recall_at_fp", "config": config}))
+        rows.append({"line": line, "recipe": "default", "seed": seed, "status": "ok", "run_id": run_id,
+                     "test/auroc": 0.9})
+    rows.append({"line": "x", "recipe": "default", "seed": 9, "status": "failed"})
+    rows.append({"line": "x", "recipe": "auto", "seed": 0, "status": "ok", "run_id": "other"})
+    state = tmp_path / "bench.json"
+    state.write_text(json.dumps({"rows": rows}))
+    return state
+
+
+def test_bench_report_rejudges_every_run_and_counts_test_fp_above_the_val_bound(study, tmp_path, monkeypatch):
+    val = _frame([0.1, 0.2, 0.3] * 10, [0.6, 0.8])  # 30 goods: 0 FP supports "below 9.5 %"
+    held = _frame([0.1, 0.2] * 10, [0.5, 0.9])  # 0 of 20 goods above 0.45
+    broke = _frame([0.1] * 16 + [0.7] * 4, [0.5, 0.9])  # 4 of 20 goods (20 %) above 0.45
+    state = _bench(tmp_path, [("a", 0, val, held, 0.45), ("a", 1, val, broke, 0.45),
+                              ("b", 0, val, held, 0.3)])
+    runs = study.bench_runs(state)
+    assert [(r["line"], r["seed"]) for r in runs] == [("a", 0), ("a", 1), ("b", 0)]
+    settings = {"max_recall_at_fp k=0": {"policy": "max_recall_at_fp", "max_fp": 0},
+                "fixed": {"policy": "fixed", "value": 0.95}}
+    rows, checks = study.evaluate_bench(runs, lambda run_id: tmp_path / run_id, settings)
+    # the logged threshold is reproduced where it is the policy's (0.45), flagged where it is not
+    assert checks.reproduced.tolist() == [True, True, False]
+    k0 = rows[rows.policy == "max_recall_at_fp k=0"].set_index(["dataset", "seed"])
+    assert k0.threshold.tolist() == pytest.approx([0.45] * 3) and k0.val_fp.tolist() == [0, 0, 0]
+    assert k0.loc[("a", 1), "fp"] == 4 and k0.loc[("a", 1), "val_fp_bound"] == pytest.approx(0.0950, abs=1e-3)
+    bounds = study.above_bound(rows).set_index("policy")
+    assert bounds.loc["max_recall_at_fp k=0", "above"] == 1 and bounds.loc["fixed", "above"] == 0
+    assert bounds.loc["max_recall_at_fp k=0", "p"] == pytest.approx(1 - 0.95 ** 3)
+    per_line = study.line_rule_table(rows)
+    assert per_line.loc["max_recall_at_fp k=0", "pooled FP rate worst"] == pytest.approx(0.1)  # 4 of 40
+    assert per_line.loc["max_recall_at_fp k=0", "worst FP line"] == "a"
+    args = argparse.Namespace(max_fp_rate=0.05)
+    monkeypatch.setattr(study, "VAL_ONLY_OPTIONS", {"max_recall_at_fp k=0": ("max_recall_at_fp", []),
+                                                    "fixed": ("fixed", [])})
+    text = study.bench_markdown(args, rows, checks, settings, "max_recall_at_fp k=0", "cmd")
+    # k=0 pools 10 % FP on line a: not eligible; fixed (0.95) has no FP anywhere
+    assert "**Chosen on the 2 dev lines: fixed**" in text and "is max_recall_at_fp k=0." in text
+    assert "| max_recall_at_fp k=0 | a | 1 | 0 / 30 | 9.5 % | 4 / 20 | 20.0 % |" in text
+    assert "in 2 of 3 runs" in text
