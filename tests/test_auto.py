@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from defect_detection import UserError
 from defect_detection.auto.candidates import Candidate, candidates
 from defect_detection.auto.entry import run_auto_recipe
 from defect_detection.auto.profile import DataProfile
@@ -32,15 +33,18 @@ def test_the_rules_pick_families_and_geometry_from_the_data():
         "segmenter-square",
         "classifier-square",
         "patchcore-square",
+        "patchhead-native",
     ]
     assert [c.label for c in candidates(_profile(train_defects=4), 224)] == [
         "patchcore-square",
         "classifier-square",
+        "patchhead-native",
     ]
     line_scan = candidates(_profile(h=256, w=4096, aspect=16.0), 224)
     assert [c.label for c in line_scan] == [
         "classifier-tiles",
         "patchcore-tiles",
+        "patchhead-native",
         "classifier-square",
         "patchcore-square",
     ]
@@ -50,14 +54,36 @@ def test_the_rules_pick_families_and_geometry_from_the_data():
     )
     portrait = candidates(_profile(h=4096, w=256, aspect=16.0), 224)[0].overrides
     assert "input.tile_size=[448,112]" in portrait
-    square, big = candidates(_profile(h=1024, w=1024, train_defects=4), 224)[1:3]  # after patchcore-square
-    assert square.label == "classifier-square" and big.label == "patchcore-tiles"
+    by_label = {c.label: c for c in candidates(_profile(h=1024, w=1024, train_defects=4), 224)}
+    big = by_label["patchcore-tiles"]
     assert (
         "input.tile_size=224" in big.overrides
         and "input.scale=0.4375" in big.overrides
         and "large" in big.reason
     )
     assert all(c.reason for c in line_scan + [big])
+
+
+def test_the_native_candidate_keeps_the_photos_own_size_up_to_its_pixel_budget():
+    # 1130 x 460 raceways: at native resolution (the elongated tile rule scaled them to 0.24)
+    head = candidates(_profile(h=460, w=1130, aspect=2.46), 224, native_max_pixels=600_000)
+    native = next(c for c in head if c.label == "patchhead-native")
+    assert "data.image_size=[460,1130]" in native.overrides and "input=letterbox" in native.overrides
+    assert "detector=patchhead" in native.overrides and "scale 1.00" in native.reason
+    # 4096 x 256 line scans: scaled down, aspect kept, to the pixel budget
+    scan = next(c for c in candidates(_profile(h=256, w=4096, aspect=16.0), 224, native_max_pixels=500_000)
+                if c.label == "patchhead-native")
+    h, w = (int(v) for v in scan.overrides[-1].split("=[")[1].rstrip("]").split(","))
+    assert h * w <= 500_000 and abs(w / h - 16.0) < 0.1
+    # photos about the working size: nothing to keep that squashing would lose
+    assert "patchhead-native" not in [c.label for c in candidates(_profile(h=300, w=300), 224)]
+
+
+def test_auto_only_runs_the_named_candidates_and_names_the_ones_it_lacks():
+    chosen = candidates(_profile(), 224, only=["patchhead-native", "classifier-square"])
+    assert [c.label for c in chosen] == ["patchhead-native", "classifier-square"]
+    with pytest.raises(UserError, match=r"auto.only=\['classifier-tiles'\].*classifier-tiles.*not among"):
+        candidates(_profile(), 224, only=["classifier-tiles"])
 
 
 def _auto(tmp_path: Path, *extra: str):

@@ -84,8 +84,10 @@ def _train_and_reload(root: Path, *overrides: str):
     # trained in bf16-mixed: val/test still score in fp32, as the logged model does
     ("trainer.precision=bf16-mixed",),
     ("detector=patchcore", "trainer.precision=bf16-mixed"),
+    ("detector=patchhead", "detector.epochs=2"),
+    ("detector=patchhead", "detector.epochs=2", "input=tiles", "input.tile_size=32", "input.overlap=8"),
 ], ids=["tiles", "letterbox", "patchcore", "patchcore-tiles", "segmenter", "segmenter-tiles", "bf16",
-        "patchcore-bf16"])
+        "patchcore-bf16", "patchhead", "patchhead-tiles"])
 def test_the_logged_model_decides_test_images_as_evaluation_did(tmp_path, overrides):
     cfg, result, table, predictor = _train_and_reload(tmp_path, *overrides)
     p = predictor.p_defect(list(table.path))
@@ -127,8 +129,8 @@ def test_good_only_train_split_trains_patchcore_and_the_classifier_says_what_fit
 
 @pytest.mark.parametrize("overrides", [("input=tiles", "input.tile_size=32", "input.overlap=8"),
                                        ("detector=patchcore", "detector.reweight=3"),
-                                       ("detector=segmenter",)],
-                         ids=["tiles", "patchcore-reweighted", "segmenter"])
+                                       ("detector=segmenter",), ("detector=patchhead", "detector.epochs=2")],
+                         ids=["tiles", "patchcore-reweighted", "segmenter", "patchhead"])
 def test_every_family_and_tiles_export_to_onnx_with_parity(tmp_path, overrides):
     from defect_detection.pipeline.export import export
 
@@ -228,3 +230,60 @@ def test_segmenter_freezes_the_backbone_through_its_frozen_stride(backbone, froz
     chosen = [names[id(m)] for m in net.frozen_modules(8)]
     assert frozen in chosen and trained not in chosen
     assert not net.frozen_modules(0)
+
+
+def _backbone_images(monkeypatch) -> list[int]:
+    """Images the patch head's frozen backbone has seen, counted per call."""
+    from defect_detection.models.families.patchhead import PatchHeadNet
+
+    seen: list[int] = []
+    real = PatchHeadNet.levels
+
+    def counting(self, x):
+        seen.append(len(x))
+        return real(self, x)
+
+    monkeypatch.setattr(PatchHeadNet, "levels", counting)
+    return seen
+
+
+def test_the_patch_head_runs_the_backbone_once_per_image_in_any_epochs(tmp_path, monkeypatch):
+    """Epochs after the first train the head on cached features (here tiles: a ragged bag per
+    image): more epochs, no more backbone passes."""
+    counts = {}
+    for epochs in (1, 4):
+        seen = _backbone_images(monkeypatch)
+        cfg = compose_train(tmp_path / str(epochs), "detector=patchhead", f"detector.epochs={epochs}",
+                            "callbacks.early_stopping=null", "logger=none", "explain=none", "input=tiles",
+                            "input.tile_size=32", "input.overlap=8")
+        train(cfg)
+        counts[epochs] = sum(seen)
+    assert counts[1] == counts[4] > 0
+
+
+def test_the_feature_cache_is_sized_up_front_and_keeps_each_images_tiles_together():
+    from defect_detection.models.families.patchhead import FeatureCache
+
+    levels = [torch.randn(5, 4, 6, 6), torch.randn(5, 8, 3, 3)]  # 5 tiles of 2 images (2 + 3)
+    counts, index = torch.tensor([2, 3]), torch.tensor([7, 1])
+    cache = FeatureCache(max_gb=1.0, n_images=10)
+    assert cache.get("train", index) is None
+    cache.put("train", index, levels, counts)
+    got = cache.get("train", torch.tensor([1, 7]))
+    assert [tuple(t.shape) for t in got[0]] == [(3, 4, 6, 6), (3, 8, 3, 3)]
+    assert torch.allclose(got[1][0].float(), levels[0][:2], atol=1e-2)  # float16 in memory
+    assert cache.get("val", index) is None  # val and train indices are different images
+    # 2 images of (2*4*36 + 2*8*9 + 3*...) float16 values, times 10 images, over a tiny limit: off
+    small = FeatureCache(max_gb=1e-6, n_images=10)
+    small.put("train", index, levels, counts)
+    assert small.enabled is False and small.get("train", index) is None
+
+
+def test_the_patch_head_learns_small_defects_and_its_map_points_at_them(tmp_path):
+    cfg = compose_train(tmp_path, "detector=patchhead", "data.image_size=128", "data.records.image_size=128",
+                        "data.records.n_per_defect=6", "data.records.n_train_good=12", "logger=none",
+                        fast=True)
+    result = train(cfg)
+    assert result["test"]["test/auroc"] >= 0.9
+    summary = Path(cfg.paths.output_dir) / "gradcam" / "summary.json"
+    assert "anomaly_map" in summary.read_text()

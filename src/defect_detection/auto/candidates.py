@@ -97,7 +97,7 @@ def native_size(profile: DataProfile, max_pixels: int) -> tuple[int, int, float]
     `max_pixels`, the most one backbone pass per image affords within the budget."""
     h, w = profile.height, profile.width
     scale = min(1.0, math.sqrt(max_pixels / max(1, h * w)))
-    return max(32, round(h * scale)), max(32, round(w * scale)), scale
+    return max(32, int(h * scale)), max(32, int(w * scale)), scale
 
 
 def native(profile: DataProfile, size: int, native_factor: float, max_pixels: int) -> Candidate | None:

@@ -112,7 +112,8 @@ def log_gradcam(tracker, ecfg: ExplainSchema | None, backbone: BackboneSchema, m
     mean, std = list(backbone.mean), list(backbone.std)
 
     timing = [0.0, 0]  # seconds, maps
-    what = f"Grad-CAM ({target} class)" if method == "gradcam" else "anomaly map (patch distances)"
+    what = (f"Grad-CAM ({target} class)" if method == "gradcam"
+            else f"{getattr(module, 'family', '') or 'the detector'}'s own map")
 
     geometry = datamodule.geometry
     sizes = getattr(datamodule, "sizes", None) or {}

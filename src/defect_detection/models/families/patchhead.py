@@ -27,6 +27,7 @@ The network keeps the family contract: logits [0, z] per network input, z the po
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -161,18 +162,25 @@ class PatchHeadModule(DetectorModule):
         self.patch_loss_weight = float(patch_loss_weight)
         self.cache_gb = float(cache_gb)
         self.cache: FeatureCache | None = None
+        self.backbone_seconds = 0.0  # what the cache saves: backbone time spent while fitting
 
     def on_fit_start(self) -> None:
         split = self.trainer.datamodule.split
         self.cache = FeatureCache(self.cache_gb, len(split.train) + len(split.val))
+        self.backbone_seconds = 0.0
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/backbone_seconds", self.backbone_seconds)
 
     def _levels(self, stage: str, b: Batch) -> list[torch.Tensor]:
         cached = self.cache.get(stage, b.index) if self.cache is not None else None
         if cached is not None:
             return _join(cached, b.x.device)
         x = b.x.contiguous(memory_format=torch.channels_last) if self.channels_last else b.x
+        began = time.perf_counter()
         with torch.autocast(x.device.type, enabled=False):
             levels = self.net.levels(x.float())
+        self.backbone_seconds += time.perf_counter() - began
         if self.cache is not None:
             self.cache.put(stage, b.index, levels, b.counts)
         return levels
