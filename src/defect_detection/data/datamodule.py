@@ -69,11 +69,18 @@ class TensorImageDataset(Dataset):
         self.images, self.labels, self.transform = images, labels, transform
         self.rows = list(range(len(labels))) if rows is None else list(rows)
         self.masks, self.has_mask = masks, has_mask
+        # set by a family that holds what it needs of every image (the patch head's feature
+        # cache): items then carry labels and indices only, and no pixel is read or normalised
+        self.labels_only = False
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int):
+        if self.labels_only:
+            empty = torch.zeros(0)
+            return ((empty, self.labels[index], index) if self.masks is None
+                    else (empty, self.labels[index], index, empty, self.has_mask[index]))
         row = self.rows[index]
         if self.masks is None:
             return self.transform(self.images[row]), self.labels[index], index
@@ -98,6 +105,8 @@ class TileCollate:
         index = torch.tensor([int(it[2]) for it in items], dtype=torch.long)
         masks = [it[3] for it in items] if len(items[0]) > 3 else None
         has_mask = torch.stack([torch.as_tensor(it[4]) for it in items]) if masks is not None else None
+        if images[0].numel() == 0:  # labels only (TensorImageDataset.labels_only): no pixels to batch
+            return Batch(torch.zeros(len(items), 0), y, index, None, None, has_mask)
         if self.geometry.name != "tiles":
             return Batch(torch.stack(images), y, index, None,
                          torch.stack(masks) if masks is not None else None, has_mask)

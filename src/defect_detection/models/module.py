@@ -144,13 +144,13 @@ class DetectorModule(pl.LightningModule):
                  sync_dist=True)  # DDP: the epoch value is the mean over every rank's batches
 
     def _eval_logits(self, stage: str, b: Batch) -> torch.Tensor:
-        """Tile logits of a val/test batch (a family may serve val from a cache of its own)."""
-        return self._score(b.x).float()
+        """Image logits of a val/test batch (a family may serve val from a cache of its own)."""
+        return self.pool(self._score(b.x).float(), b.counts)
 
     def _eval_step(self, stage: str, batch, threshold: float) -> None:
         b = _as_batch(batch)
-        y, idx, counts = b.y, b.index, b.counts
-        logits = self.pool(self._eval_logits(stage, b), counts)
+        y, idx = b.y, b.index
+        logits = self._eval_logits(stage, b)
         p = self.probabilities(logits)
         pred = (p >= threshold).long()
         decisions = getattr(self, f"{stage}_decisions")

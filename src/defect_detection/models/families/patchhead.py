@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -110,27 +111,41 @@ class PatchHeadNet(nn.Module):
         return up[:, 0].sigmoid()
 
 
+@dataclass
+class Cached:
+    """One image as the head sees it: its inputs' feature levels (float16) and, for train, the
+    patch-grid truth of its mask (None without one)."""
+
+    levels: list[torch.Tensor]
+    target: torch.Tensor | None = None
+
+
 class FeatureCache:
-    """Per image (split, index): its inputs' feature levels as float16, on the CPU.
+    """Per image (split, index): what the head needs of it, on the CPU.
 
     Sized up front: after the first batch the bytes per image times the images to keep is
     compared with `max_gb`; over it, nothing is kept and every epoch pays the backbone (logged)."""
 
     def __init__(self, max_gb: float, n_images: int) -> None:
         self.max_bytes, self.n_images = float(max_gb) * 2**30, int(n_images)
-        self.store: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.store: dict[tuple[str, int], Cached] = {}
         self.enabled: bool | None = None  # decided on the first batch
 
-    def get(self, split: str, index: torch.Tensor) -> list[list[torch.Tensor]] | None:
+    def get(self, split: str, index: torch.Tensor) -> list[Cached] | None:
         keys = [(split, int(i)) for i in index]
         if not self.enabled or any(k not in self.store for k in keys):
             return None
         return [self.store[k] for k in keys]
 
+    def complete(self, split: str, n: int) -> bool:
+        return bool(self.enabled) and all((split, i) in self.store for i in range(n))
+
     def put(self, split: str, index: torch.Tensor, levels: Sequence[torch.Tensor],
-            counts: torch.Tensor | None) -> None:
+            counts: torch.Tensor | None, target: torch.Tensor | None = None) -> None:
         sizes = counts.tolist() if counts is not None else [1] * len(index)
         per_image = [list(t) for t in zip(*(m.to(torch.float16).cpu().split(sizes) for m in levels))]
+        targets = (target.to(torch.uint8).cpu().split(sizes) if target is not None
+                   else [None] * len(per_image))
         if self.enabled is None:
             need = sum(t.numel() * 2 for t in per_image[0]) * self.n_images
             self.enabled = need <= self.max_bytes
@@ -138,17 +153,24 @@ class FeatureCache:
                      "on" if self.enabled else "OFF: every epoch runs the backbone", need / 2**30,
                      self.n_images, self.max_bytes / 2**30)
         if self.enabled:
-            for i, parts in zip(index.tolist(), per_image):
-                self.store[(split, int(i))] = [p.clone() for p in parts]
+            for i, parts, t in zip(index.tolist(), per_image, targets):
+                self.store[(split, int(i))] = Cached([p.clone() for p in parts],
+                                                     None if t is None else t.clone())
 
 
-def _join(per_image: Sequence[Sequence[torch.Tensor]], device: torch.device) -> list[torch.Tensor]:
-    return [torch.cat([img[lvl] for img in per_image]).to(device).float() for lvl in range(len(per_image[0]))]
+def _join(cached: Sequence[Cached], device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The batch's levels (float32) and its tiles per image."""
+    levels = [torch.cat([c.levels[k] for c in cached]).to(device).float()
+              for k in range(len(cached[0].levels))]
+    return levels, torch.tensor([len(c.levels[0]) for c in cached], device=device)
 
 
 class PatchHeadModule(DetectorModule):
     """Trains the head on cached features: image loss on the pooled logits, focal patch loss
-    where a patch's truth is known (good images everywhere, masked defects on their mask)."""
+    where a patch's truth is known (good images everywhere, masked defects on their mask).
+
+    Once every train and val image is cached, the loaders stop decoding and normalising images
+    (`TensorImageDataset.labels_only`): an epoch then costs the head alone."""
 
     family = "patchhead"
 
@@ -171,50 +193,79 @@ class PatchHeadModule(DetectorModule):
 
     def on_train_epoch_end(self) -> None:
         self.log("train/backbone_seconds", self.backbone_seconds)
+        sets = self._datasets()
+        done = all(self.cache.complete(name, len(sets[name])) for name in ("train", "val") if name in sets)
+        self._images_needed(not done)
 
-    def _levels(self, stage: str, b: Batch) -> list[torch.Tensor]:
+    def on_train_end(self) -> None:
+        self._images_needed(True)  # validate, test and the reports after fitting read the images
+        self.cache = None  # frees the features
+
+    def _datasets(self) -> dict:
+        return getattr(self.trainer.datamodule, "datasets", {}) if self.trainer is not None else {}
+
+    def _images_needed(self, needed: bool) -> None:
+        for name in ("train", "val"):
+            if name in self._datasets():
+                self._datasets()[name].labels_only = not needed
+
+    def _levels(self, stage: str, b: Batch) -> tuple[list[torch.Tensor], torch.Tensor | None,
+                                                     list[Cached] | None]:
+        """(levels, tiles per image, the cached entries when the batch came from the cache)."""
         cached = self.cache.get(stage, b.index) if self.cache is not None else None
         if cached is not None:
-            return _join(cached, b.x.device)
+            levels, counts = _join(cached, b.y.device)
+            return levels, (counts if b.counts is not None or int(counts.max()) > 1 else None), cached
         x = b.x.contiguous(memory_format=torch.channels_last) if self.channels_last else b.x
         began = time.perf_counter()
         with torch.autocast(x.device.type, enabled=False):
             levels = self.net.levels(x.float())
         self.backbone_seconds += time.perf_counter() - began
         if self.cache is not None:
-            self.cache.put(stage, b.index, levels, b.counts)
-        return levels
+            grid = self._grid(levels)
+            target = (F.adaptive_max_pool2d(b.mask.float(), grid) if stage == "train" and b.mask is not None
+                      else None)
+            self.cache.put(stage, b.index, levels, b.counts, target)
+        return levels, b.counts, None
+
+    def _grid(self, levels: Sequence[torch.Tensor]) -> tuple[int, int]:
+        return tuple(levels[self.net.features.strides.index(self.net.grid_stride)].shape[-2:])
 
     def training_step(self, batch, batch_idx):
         b: Batch = _as_batch(batch)
-        patch = self.net.patch_logits(self._levels("train", b))
-        loss = self.loss_fn(self.pool(self.net.pooled(patch), b.counts), b.y)
-        known = self.patch_loss(patch, b)
+        levels, counts, cached = self._levels("train", b)
+        patch = self.net.patch_logits(levels)
+        loss = self.loss_fn(self.pool(self.net.pooled(patch), counts), b.y)
+        if cached is not None:
+            targets = [c.target for c in cached]
+            known = all(t is not None for t in targets)
+            target = torch.cat(targets).to(patch.device).float() if known else None
+        else:
+            target = F.adaptive_max_pool2d(b.mask.float(), patch.shape[-2:]) if b.mask is not None else None
+        known = self.patch_loss(patch, b, counts, target)
         if known is not None:
             self.log_train_loss(known, len(b.y), "train/patch_loss")
             loss = loss + self.patch_loss_weight * known
         self.log_train_loss(loss, len(b.y))
         return loss
 
-    def patch_loss(self, patch: torch.Tensor, b: Batch) -> torch.Tensor | None:
+    def patch_loss(self, patch: torch.Tensor, b: Batch, counts: torch.Tensor | None,
+                   target: torch.Tensor | None) -> torch.Tensor | None:
         """Focal loss on the patches whose truth is known; a patch is a defect when any of its
-        pixels is."""
+        pixels is (`target`: the masks max-pooled onto the patch grid; None: no masks loaded)."""
         known = b.y == 0
         if b.has_mask is not None:
             known = known | b.has_mask.bool()
-        if b.counts is not None:
-            known = torch.repeat_interleave(known, b.counts)
+        if counts is not None:
+            known = torch.repeat_interleave(known, counts)
         if not known.any() or self.patch_loss_weight <= 0:
             return None
-        target = (F.adaptive_max_pool2d(b.mask.float(), patch.shape[-2:]) if b.mask is not None
-                  else torch.zeros_like(patch))
+        target = target if target is not None else torch.zeros_like(patch)
         return sigmoid_focal_loss(patch[known].float(), target[known], reduction="mean")
 
     def _eval_logits(self, stage: str, b: Batch) -> torch.Tensor:
         if stage != "val" or self.cache is None:  # test and predict: one pass, nothing kept
             return super()._eval_logits(stage, b)
-        with torch.autocast(b.x.device.type, enabled=False):
-            return self.net.pooled(self.net.patch_logits(self._levels("val", b))).float()
-
-    def on_train_end(self) -> None:
-        self.cache = None  # frees the features before test and the reports
+        with torch.autocast(b.y.device.type, enabled=False):
+            levels, counts, _ = self._levels("val", b)
+            return self.pool(self.net.pooled(self.net.patch_logits(levels)).float(), counts)
