@@ -104,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the markdown; its finished runs are kept beside it in <out>.json")
     p.add_argument("--experiment-name", default=EXPERIMENT)
     p.add_argument("--fresh", action="store_true", help="ignore the finished runs in <out>.json")
+    p.add_argument("--merge", nargs="+", default=[], metavar="STATE",
+                   help="also show the runs of these other benches' <out>.json (e.g. the default recipe's, "
+                   "to pair a new recipe with it on the same splits); they are not rerun")
+    p.add_argument("--report", action="store_true", help="write the tables from the saved runs; run nothing")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     return p.parse_args(argv)
 
@@ -182,6 +186,30 @@ def summary(rows: list[dict], lines: list[str], recipe: str) -> dict:
     return out
 
 
+def paired(rows: list[dict], lines: list[str], recipes: list[str]) -> list[str]:
+    """Each later recipe against the first on the same (line, split seed): the mean difference
+    of test AUROC and recall over the seeds both finished, and on how many seeds it was ahead."""
+    if len(recipes) < 2:
+        return []
+    ok = {(r["line"], r["recipe"], r["seed"]): r for r in rows if r["status"] == "ok"}
+    base = recipes[0]
+    out = ["", f"## Paired with {base} (same line, same split seed)", "",
+           "| recipe | line | seeds | test AUROC diff mean | worst seed | recall diff mean "
+           "| AUROC ahead / behind |",
+           "|---|---|---|---|---|---|---|"]
+    for recipe in recipes[1:]:
+        for line in lines:
+            seeds = sorted(k[2] for k in ok if k[0] == line and k[1] == recipe and (line, base, k[2]) in ok)
+            if not seeds:
+                continue
+            d_auc = [ok[(line, recipe, s)]["test/auroc"] - ok[(line, base, s)]["test/auroc"] for s in seeds]
+            d_rec = [ok[(line, recipe, s)]["test/recall"] - ok[(line, base, s)]["test/recall"] for s in seeds]
+            ahead, behind = sum(d > 1e-6 for d in d_auc), sum(d < -1e-6 for d in d_auc)
+            out.append(f"| {recipe} | {line} | {len(seeds)} | {statistics.fmean(d_auc):+.3f} | "
+                       f"{min(d_auc):+.3f} | {statistics.fmean(d_rec):+.3f} | {ahead} / {behind} |")
+    return out
+
+
 def markdown(args: argparse.Namespace, state: dict, command: str) -> str:
     recipes = [cr.recipe_label(r) for r in args.recipes]
     rows = [r for r in state["rows"] if r["line"] in args.lines and r["recipe"] in recipes]
@@ -209,6 +237,7 @@ def markdown(args: argparse.Namespace, state: dict, command: str) -> str:
             mean, worst, line = s[key]
             cells += [_num(mean), f"{_num(worst)} ({line})"]
         out.append(f"| {recipe} | {s['lines']} | " + " | ".join(cells) + f" | {_num(s['seconds'], '.0f')} |")
+    out += paired(rows, args.lines, recipes)
     for line in args.lines:
         out += ["", f"## {line}: {line_description(line)}", "",
                 "| recipe | runs ok | " + " | ".join(f"{c} mean | {c} worst" for c, _, _ in METRICS)
@@ -298,6 +327,13 @@ def main(argv: list[str] | None = None) -> dict:
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     path = state_path(args.out)
     state = {"rows": [], "starts": []} if args.fresh else load_state(path)
+    if args.report:  # the tables again, with the merged benches' runs; the runs' commands listed
+        merged = [load_state(Path(m)) for m in args.merge]
+        starts = [*state.get("starts", []), *(st for m in merged for st in m.get("starts", []))]
+        shown = {**state, "rows": state["rows"] + [r for m in merged for r in m["rows"]],
+                 "starts": [*starts, {"command": command}]}
+        print(write(args, shown, command))
+        return shown
     client, parent, root = open_parent(args, state, command, stamp)
     state["parent_run_id"] = parent
     state["starts"].append({"at": stamp, "command": command})

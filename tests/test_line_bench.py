@@ -95,6 +95,31 @@ def test_markdown_starts_with_the_command_and_has_one_table_per_line(lb):
     assert any(line.startswith("| bottle | auto | 0 | - |") and "failed: UserError" in line for line in lines)
 
 
+def test_a_recipe_is_paired_with_the_first_on_the_same_seeds_only(lb):
+    rows = [_row("a", "default", 0, 0.8, 0.5, 0), _row("a", "default", 1, 0.9, 0.6, 0),
+            _row("a", "native", 0, 0.9, 0.7, 0), _row("a", "native", 1, 0.85, 0.6, 0),
+            _row("a", "native", 2, 1.0, 1.0, 0)]  # seed 2 has no default run: not paired
+    table = lb.paired(rows, ["a", "b"], ["default", "native"])
+    assert "| native | a | 2 | +0.025 | -0.050 | +0.100 | 1 / 1 |" in table
+    assert not any("| native | b |" in line for line in table)  # no runs on b: no row
+    assert lb.paired(rows, ["a"], ["default"]) == []
+
+
+def test_report_writes_the_tables_from_saved_runs_and_merged_benches(lb, tmp_path):
+    import json
+
+    mine, other = tmp_path / "native.json", tmp_path / "default.json"
+    mine.write_text(json.dumps({"rows": [_row("small", "native", 0, 0.9, 0.8, 0)], "starts": [
+        {"at": "t1", "command": "python scripts/line_bench.py --recipes native"}]}))
+    other.write_text(json.dumps({"rows": [_row("small", "default", 0, 0.8, 0.6, 1)], "starts": [
+        {"at": "t0", "command": "python scripts/line_bench.py --recipes default"}]}))
+    lb.main(["--report", "--lines", "small", "--recipes", "default", "native", "--seeds", "0",
+             "--out", str(tmp_path / "native.md"), "--merge", str(other)])
+    text = (tmp_path / "native.md").read_text()
+    assert "| native | small | 1 | +0.100 |" in text
+    assert "`python scripts/line_bench.py --recipes native`" in text and "--recipes default`" in text
+
+
 def test_a_finished_cell_is_reused_only_with_the_same_overrides(lb, tmp_path):
     args = lb.parse_args(["--lines", "small", "--seeds", "0", "--recipes", "default"])
     row = {**_row("small", "default", 0, 1, 1, 0), "overrides": lb.cell_overrides(args, "small", "default")}
