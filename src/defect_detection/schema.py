@@ -145,7 +145,7 @@ class DetectorSchema(_Loose):
     grid_stride: int = Field(default=16, ge=1)
     patch_loss_weight: float = Field(default=1.0, ge=0)
     head_lr: float = Field(default=1.0e-3, gt=0)
-    epochs: int = Field(default=40, ge=1)
+    steps: int = Field(default=400, ge=1)
     cache_gb: float = Field(default=6.0, ge=0)
 
 

@@ -186,6 +186,21 @@ class PatchHeadModule(DetectorModule):
         self.cache: FeatureCache | None = None
         self.backbone_seconds = 0.0  # what the cache saves: backbone time spent while fitting
 
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self):
+        """The run's early stopping counts epochs sized for fine-tuning (patience 5); the head's
+        epochs can be two steps each. It trains all its steps; the checkpoint callback keeps the
+        best val epoch."""
+        from pytorch_lightning.callbacks import EarlyStopping
+
+        stopping = [c for c in (self.trainer.callbacks if self._trainer is not None else [])
+                    if isinstance(c, EarlyStopping)]
+        return [EarlyStopping(monitor=c.monitor, mode=c.mode, patience=10**9) for c in stopping[:1]]
+
     def on_fit_start(self) -> None:
         split = self.trainer.datamodule.split
         self.cache = FeatureCache(self.cache_gb, len(split.train) + len(split.val))
