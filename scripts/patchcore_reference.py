@@ -3,8 +3,12 @@
 features; test image AUROC, fit time, scoring time and bank size of each, one markdown table.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=src python scripts/patchcore_reference.py \\
-        --anomalib-python /work/meas/anomalib-venv/bin/python --work /work/meas/pcref \\
-        --out docs/results/patchcore_reference.md paths.root_dir=/work/meas/bench
+        --anomalib-python ../anomalib-venv/bin/python --work outputs/patchcore_reference \\
+        --ours "before:net.zero_pad=false" --ours after --anomalib-lines grey_tiny_many aitex \\
+        --out docs/results/patchcore_reference.md paths.root_dir=...   # where the bench made its lines
+
+(the page's own command is at its top). Synthetic lines are read from paths.root_dir's data/lines
+(made by scripts/line_bench.py); the real ones from --shared-data.
 
 anomalib is never a dependency of this project: it lives in a venv of its own and this script
 drives it as a subprocess (`--anomalib-python`; without it only our side runs). That venv was made
@@ -344,7 +348,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.table_from:  # the table again from a finished run's JSON (same --ours labels)
         state = json.loads(Path(args.table_from).read_text())
-        args.command = state["command"]
+        args.command = f"{state['command']}`, then this table from its JSON: `{args.command}"
         write_table(args, state["rows"], list(args.ours_spec))
         return
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
