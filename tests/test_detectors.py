@@ -289,3 +289,27 @@ def test_the_patch_head_learns_small_defects_and_its_map_points_at_them(tmp_path
     assert "anomaly_map" in summary
     pointing = client.get_run(result["run_id"]).data.metrics["test/cam_pointing_game"]
     assert pointing >= 0.5  # its own map, no Grad-CAM: the top patch lies on the masked defect
+
+
+def test_patchcore_neighbourhood_average_counts_the_zero_padding_and_old_banks_keep_theirs():
+    # anomalib's and the paper's 3 x 3 average counts the zero padding at the border; averaging over
+    # the inside neighbours only scored lower on identical features (docs/results/patchcore_reference.md)
+    from defect_detection.models.families.patchcore import PatchCoreNet
+    from defect_detection.models.families.patchcore_family import build_net
+
+    net = PatchCoreNet("resnet18", (8, 16), pretrained=False)
+    assert net.zero_pad
+
+    class Constant(torch.nn.Module):  # a constant map: only the border handling changes its average
+        def forward(self, x):
+            return [torch.ones(1, 2, 4, 4)]
+
+    net.features = Constant()
+    emb = net.embed(torch.zeros(1, 3, 32, 32))[0, 0]
+    assert torch.isclose(emb[1, 1], torch.tensor(1.0)) and torch.isclose(emb[0, 0], torch.tensor(4 / 9))
+    assert torch.isclose(emb[0, 1], torch.tensor(6 / 9))
+    net.zero_pad = False
+    assert torch.allclose(net.embed(torch.zeros(1, 3, 32, 32)), torch.ones(1, 2, 4, 4))
+    meta = {"backbone": "resnet18", "strides": [8, 16], "bank_size": 4}
+    assert not build_net(meta).zero_pad  # a checkpoint from before the key: its bank was built so
+    assert build_net({**meta, "neighbourhood_zero_pad": True}).zero_pad

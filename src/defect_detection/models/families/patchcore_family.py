@@ -16,7 +16,8 @@ def build_module(s: ModelSettings, class_counts: tuple[int, int], meta: dict) ->
     if reweight == 1 or reweight < 0:
         raise UserError(f"detector.reweight={reweight}: give 0 (the plain largest patch distance) or the "
                         "number of bank neighbours for PatchCore's re-weighting, >= 2 (the paper uses 9).")
-    meta.update({"strides": strides, "neighbourhood": det.neighbourhood, "reweight": reweight})
+    meta.update({"strides": strides, "neighbourhood": det.neighbourhood, "reweight": reweight,
+                 "neighbourhood_zero_pad": True})
     net = PatchCoreNet(bb.name, strides, bb.pretrained, bb.weights_path, det.neighbourhood, reweight=reweight,
                        download=bb.download)
     return PatchCoreModule(net, bb.mean, bb.std, det.coreset_ratio, det.max_bank,
@@ -43,7 +44,9 @@ def check_split(s: ModelSettings, split: Split) -> None:
 def build_net(meta: dict) -> PatchCoreNet:
     return PatchCoreNet(meta["backbone"], meta["strides"], pretrained=False,
                         neighbourhood=int(meta.get("neighbourhood", 3)), bank_size=int(meta["bank_size"]),
-                        reweight=int(meta.get("reweight", 0)))
+                        reweight=int(meta.get("reweight", 0)),
+                        # checkpoints from before the key averaged over the inside neighbours only
+                        zero_pad=bool(meta.get("neighbourhood_zero_pad", False)))
 
 
 # one pass over the good training images builds the bank: one epoch, no early stopping needed

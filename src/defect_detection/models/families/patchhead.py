@@ -199,7 +199,9 @@ class PatchHeadModule(DetectorModule):
 
         stopping = [c for c in (self.trainer.callbacks if self._trainer is not None else [])
                     if isinstance(c, EarlyStopping)]
-        return [EarlyStopping(monitor=c.monitor, mode=c.mode, patience=10**9) for c in stopping[:1]]
+        # strict=False: a run of fewer steps than one epoch ends before any validation
+        return [EarlyStopping(monitor=c.monitor, mode=c.mode, patience=10**9, strict=False)
+                for c in stopping[:1]]
 
     def on_fit_start(self) -> None:
         split = self.trainer.datamodule.split
