@@ -108,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also show the runs of these other benches' <out>.json (e.g. the default recipe's, "
                    "to pair a new recipe with it on the same splits); they are not rerun")
     p.add_argument("--report", action="store_true", help="write the tables from the saved runs; run nothing")
+    p.add_argument("--select", nargs="+", default=[], metavar="RECIPE",
+                   help="--report: also a row per (line, seed) for the auto recipe's choice among these "
+                   "recipes' runs, in this order (its val-only rule, auto.tie_se=1): what auto would have "
+                   "picked had they been its only candidates")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     return p.parse_args(argv)
 
@@ -186,6 +190,42 @@ def summary(rows: list[dict], lines: list[str], recipe: str) -> dict:
     return out
 
 
+def selection_label(recipes: list[str]) -> str:
+    return "auto-rule(" + "|".join(recipes) + ")"
+
+
+def val_counts(client: MlflowClient, run_id: str) -> tuple[int, int]:
+    """(good, defect) of a run's val split, from its logged val scores."""
+    import pandas as pd
+
+    labels = pd.read_csv(client.download_artifacts(run_id, "scores/val_scores.csv"))["label"]
+    return int((labels == 0).sum()), int((labels != 0).sum())
+
+
+def selected_rows(rows: list[dict], recipes: list[str], counts, tie_se: float = 1.0) -> list[dict]:
+    """Per (line, seed) where every recipe finished: the run that the auto recipe's rule picks on
+    val alone (auto/runner.py's rank: the first in `recipes` order within `tie_se` SE of the best
+    val AUROC), relabelled as one more recipe. `counts(run_id)` gives the val (good, defect)."""
+    from defect_detection.auto.candidates import Candidate
+    from defect_detection.auto.runner import Outcome, rank
+
+    ok = {(r["line"], r["recipe"], r["seed"]): r for r in rows if r["status"] == "ok"}
+    out = []
+    for line, seed in sorted({(k[0], k[2]) for k in ok}):
+        runs = [ok.get((line, recipe, seed)) for recipe in recipes]
+        if any(r is None for r in runs):
+            continue
+        outcomes = [Outcome(Candidate(r["recipe"], [], ""), "finished", r["seconds"],
+                            result={"val": {k: v for k, v in r.items() if k.startswith("val/")}})
+                    for r in runs]
+        good, defect = counts(runs[0]["run_id"])
+        best = rank(outcomes, good, defect, tie_se)[0]
+        chosen = runs[outcomes.index(best)]
+        out.append({**chosen, "recipe": selection_label(recipes), "winner": chosen["recipe"],
+                    "seconds": sum(r["seconds"] for r in runs)})
+    return out
+
+
 def paired(rows: list[dict], lines: list[str], recipes: list[str]) -> list[str]:
     """Each later recipe against the first on the same (line, split seed): the mean difference
     of test AUROC and recall over the seeds both finished, and on how many seeds it was ahead."""
@@ -212,9 +252,15 @@ def paired(rows: list[dict], lines: list[str], recipes: list[str]) -> list[str]:
 
 def markdown(args: argparse.Namespace, state: dict, command: str) -> str:
     recipes = [cr.recipe_label(r) for r in args.recipes]
+    if getattr(args, "select", None):
+        recipes.append(selection_label(args.select))
     rows = [r for r in state["rows"] if r["line"] in args.lines and r["recipe"] in recipes]
     defined = "; ".join(f"{cr.recipe_label(r)} = {' '.join(recipe_overrides(r)) or 'the defaults'}"
                         for r in args.recipes)
+    if getattr(args, "select", None):
+        defined += (f"; {selection_label(args.select)} = the run of {', '.join(args.select)} that the auto "
+                    "recipe's val-only rule picks (auto.tie_se=1, first in that order within noise), not a "
+                    "run of its own (its seconds: both runs)")
     hours = sum(r["seconds"] for r in rows) / 3600
     earlier = [s["command"] for s in state.get("starts", [])[:-1]]
     out = [f"# Line bench: {', '.join(recipes)} on {len(args.lines)} lines", "",
@@ -254,7 +300,7 @@ def markdown(args: argparse.Namespace, state: dict, command: str) -> str:
             out.append(f"| {r['line']} | {r['recipe']} | {r['seed']} | {r['test/auroc']:.4f} | "
                        f"{r['test/recall']:.3f} | {r['test/fp']:.0f} / {r['test/fp'] + r['test/tn']:.0f} | "
                        f"{r['threshold']:.4f} | {r['seconds']:.0f} | {r['run_id']} | "
-                       f"{'auto winner: ' + r['winner'] if r.get('winner') else ''} |")
+                       f"{'winner: ' + r['winner'] if r.get('winner') else ''} |")
         else:
             out.append(f"| {r['line']} | {r['recipe']} | {r['seed']} | - | - | - | - | {r['seconds']:.0f} | "
                        f"- | {r['status']}: {r['error'][:200].replace('|', '/')} |")
@@ -328,10 +374,17 @@ def main(argv: list[str] | None = None) -> dict:
     path = state_path(args.out)
     state = {"rows": [], "starts": []} if args.fresh else load_state(path)
     if args.report:  # the tables again, with the merged benches' runs; the runs' commands listed
+        missing = [m for m in args.merge if not Path(m).is_file()]
+        if missing:
+            raise SystemExit(f"error: --merge {' '.join(missing)}: no such bench state (a <out>.json); give "
+                             "Hydra overrides before --merge")
         merged = [load_state(Path(m)) for m in args.merge]
         starts = [*state.get("starts", []), *(st for m in merged for st in m.get("starts", []))]
-        shown = {**state, "rows": state["rows"] + [r for m in merged for r in m["rows"]],
-                 "starts": [*starts, {"command": command}]}
+        rows = state["rows"] + [r for m in merged for r in m["rows"]]
+        if args.select:
+            client = cr.open_store(args.experiment_name, list(args.overrides))[0]
+            rows += selected_rows(rows, args.select, lambda run_id: val_counts(client, run_id))
+        shown = {**state, "rows": rows, "starts": [*starts, {"command": command}]}
         print(write(args, shown, command))
         return shown
     client, parent, root = open_parent(args, state, command, stamp)
