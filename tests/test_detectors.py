@@ -254,7 +254,7 @@ def test_the_patch_head_runs_the_backbone_once_per_image_in_any_epochs(tmp_path,
         seen = _backbone_images(monkeypatch)
         cfg = compose_train(tmp_path / str(steps), "detector=patchhead", f"detector.steps={steps}",
                             "logger=none", "explain=none", "input=tiles", "input.tile_size=32",
-                            "input.overlap=8")
+                            "input.overlap=8", "input.images_per_batch=8")  # a few batches an epoch
         train(cfg)
         counts[steps] = sum(seen)
     assert counts[15] == counts[45] > 0
