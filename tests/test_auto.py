@@ -14,7 +14,7 @@ from defect_detection import UserError
 from defect_detection.auto.candidates import Candidate, candidates
 from defect_detection.auto.entry import run_auto_recipe
 from defect_detection.auto.profile import DataProfile
-from defect_detection.auto.runner import Outcome, auroc_se, estimate_seconds, rank, work_units
+from defect_detection.auto.runner import Outcome, auroc_se, estimate_seconds, family_probe, rank, work_units
 from tests.conftest import compose_train
 
 
@@ -152,6 +152,36 @@ def test_the_budget_estimate_scales_patchcore_by_its_coreset_work_not_by_pixels(
     classifier = Candidate("classifier-tiles", [], "why", "classifier", "tiles", tiles.pixels)
     assert estimate_seconds(classifier, work_units(classifier, detector, 171), done) == pytest.approx(9 * 90)
     assert estimate_seconds(tiles, w_tiles, []) is None
+
+
+def test_the_native_head_is_estimated_by_timing_its_own_backbone_pass(tmp_path):
+    from PIL import Image
+
+    from defect_detection.data.records import ImageRecord
+    from defect_detection.models.families.patchhead_family import FIXED_S
+
+    # a fine-tuned run's seconds scaled by pixels put the native head at 10 x a square
+    # classifier's time (it passes the backbone once per image, forward only): the budget skipped it
+    profile = _profile(h=1000, w=1000)
+    square, *_ = todo = candidates(profile, 224)
+    native = next(c for c in todo if c.label == "patchhead-native")
+    done = [Outcome(square, "finished", 120.0, work=float(square.pixels))]
+    scaled = 120.0 * native.pixels / square.pixels
+    assert estimate_seconds(native, native.pixels, done) == pytest.approx(scaled)
+    assert estimate_seconds(native, native.pixels, done, probe=lambda: 42.0) == 42.0
+    # once a run of its own family finished, that run scales
+    done.append(Outcome(native, "finished", 60.0, work=float(native.pixels)))
+    assert estimate_seconds(native, 2.0 * native.pixels, done, probe=lambda: 42.0) == pytest.approx(120.0)
+    # the probe: the real backbone, timed at the candidate's input size, and its photos decoded
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"{k}.png")
+        Image.fromarray(np.full((200, 320, 3), 40 * k, np.uint8)).save(paths[-1])
+    records = [ImageRecord(str(p), 0, "part", "good") for p in paths]
+    head_cfg = compose_train(tmp_path, "detector=patchhead", "input=letterbox", "data.image_size=[96,160]")
+    seconds = family_probe(native, head_cfg, profile, records)()
+    assert FIXED_S < seconds < FIXED_S + 600
+    assert family_probe(square, compose_train(tmp_path), profile, records) is None  # classifier: no probe
 
 
 def _outcome(label: str, auroc: float, margin: float = 0.0) -> Outcome:

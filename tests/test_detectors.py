@@ -238,9 +238,9 @@ def _backbone_images(monkeypatch) -> list[int]:
     seen: list[int] = []
     real = PatchHeadNet.levels
 
-    def counting(self, x):
+    def counting(self, x, features=None):
         seen.append(len(x))
-        return real(self, x)
+        return real(self, x, features)
 
     monkeypatch.setattr(PatchHeadNet, "levels", counting)
     return seen

@@ -26,3 +26,10 @@ def check_device(device: str, key: str = "device") -> torch.device:
     elif found.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"{key}={device}: Apple's MPS is not available here; use device=cpu.")
     return found
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast runs natively here (CPU: AVX-512 BF16 or AMX; CUDA: Ampere+)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())

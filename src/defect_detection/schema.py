@@ -147,6 +147,7 @@ class DetectorSchema(_Loose):
     head_lr: float = Field(default=1.0e-3, gt=0)
     steps: int = Field(default=400, ge=1)
     cache_gb: float = Field(default=6.0, ge=0)
+    feature_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
 
 class ExplainSchema(_Loose):

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 import torch
 
 from defect_detection.base import UserError
+from defect_detection.devices import bf16_supported
 from defect_detection.models.families import family
-from defect_detection.models.inference import bf16_supported
 
 CHOICES = ("auto", "32-true", "bf16-mixed")
 

@@ -24,17 +24,19 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+import torch
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
 from defect_detection.auto.candidates import Candidate, candidates
-from defect_detection.auto.precision import describe, precision_overrides
+from defect_detection.auto.precision import describe, precision_overrides, trains_on_cpu
 from defect_detection.auto.profile import DataProfile, profile_split
 from defect_detection.base import UserError
 from defect_detection.data.geometry import size_hw
 from defect_detection.data.summary import markdown_table
 from defect_detection.data.validate import screened_records
-from defect_detection.schema import data_settings
+from defect_detection.models.families import family
+from defect_detection.schema import ModelSettings, data_settings, validate_train_config
 from defect_detection.tracking.comparison import ROLE_TAG
 from defect_detection.tracking.mlflow_run import ensure_local_store, get_or_create_experiment, stop_signal
 
@@ -71,17 +73,38 @@ def work_units(c: Candidate, detector: DictConfig, n_train_good: int) -> float:
     return patches * max(1, bank)
 
 
-def estimate_seconds(c: Candidate, work: float, done: Sequence[Outcome]) -> float | None:
-    """A finished candidate of the same family scaled by work units, else the first finished
-    candidate scaled by pixels per image; None before any finished."""
+def estimate_seconds(c: Candidate, work: float, done: Sequence[Outcome],
+                     probe: Callable[[], float] | None = None) -> float | None:
+    """A finished candidate of the same family scaled by work units, else the family's own probe
+    (Family.estimate_seconds), else the first finished candidate scaled by pixels per image;
+    None before any finished."""
     finished = [o for o in done if o.status == "finished"]
     if not finished:
         return None
     same = [o for o in finished if o.candidate.family == c.family and o.work > 0]
     if same:
         return same[0].seconds * work / same[0].work
+    if probe is not None:
+        return probe()
     ref = finished[0]
     return ref.seconds * c.pixels / max(1, ref.candidate.pixels)
+
+
+def family_probe(
+    c: Candidate, c_cfg: DictConfig, profile: DataProfile, records: Sequence
+) -> Callable[[], float] | None:
+    """The candidate family's own timed estimate of its run, where it has one."""
+    fam = family(c.family)
+    if fam.estimate_seconds is None:
+        return None
+    device = torch.device("cpu" if trains_on_cpu(c_cfg.trainer) else "cuda")
+
+    def probe() -> float:
+        settings = ModelSettings.of(validate_train_config(c_cfg))
+        return fam.estimate_seconds(settings, size_hw(c_cfg.data.image_size), profile.counts,
+                                    [r.path for r in records[:3]], device, int(c_cfg.data.batch_size))
+
+    return probe
 
 
 def auroc_se(auroc: float, n_good: int, n_defect: int) -> float:
@@ -314,7 +337,8 @@ def run_auto(
                 _record(client, parent, k, outcomes[-1])
                 continue
             work = work_units(c, c_cfg.detector, profile.counts["train"]["good"])
-            estimate = estimate_seconds(c, work, outcomes)
+            probe = family_probe(c, c_cfg, profile, records) if outcomes else None
+            estimate = estimate_seconds(c, work, outcomes, probe)
             # the likeliest candidate always runs; later ones only while the budget lasts
             if outcomes and (used >= budget_s or (estimate is not None and used + estimate > budget_s)):
                 why = f"skipped: {used / 60:.1f} of {budget_s / 60:g} min used" + (

@@ -18,6 +18,7 @@ from PIL import Image
 from defect_detection.base import CLASS_NAMES, UserError
 from defect_detection.data.geometry import Geometry, build_geometry, header_hw
 from defect_detection.data.images import load_rgb
+from defect_detection.devices import bf16_supported
 from defect_detection.models.aggregation import image_logits
 from defect_detection.models.batchnorm_folding import fold_batchnorm
 from defect_detection.models.checkpointing import DIGEST_KEY, OWNER_KEY
@@ -222,13 +223,6 @@ class BasePredictor:
         if note is None:
             return [None] * len(items)
         return [note(_item_hw(i)) for i in items]
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bfloat16 autocast runs natively here (CPU: AVX-512 BF16 or AMX; CUDA: Ampere+)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Predictor(BasePredictor):

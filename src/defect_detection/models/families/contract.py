@@ -25,6 +25,11 @@ class Family:
     # trainer values read from the family's own settings (detector config -> dict), e.g. the patch
     # head's epochs, which cost seconds where a fine-tuned backbone's cost minutes
     trainer_of: Callable[[Any], dict] | None = None
+    # (ModelSettings, (h, w), split -> {"good": n, "defect": n}, sample photo paths, device,
+    # batch size) -> seconds
+    # a run will take, from a timed probe: for a family whose cost is not a fine-tuned candidate's
+    # time scaled by pixels (auto's budget estimator, auto/runner.py)
+    estimate_seconds: Callable[..., float] | None = None
 
     def trainer_values(self, detector: Any) -> dict:
         return {**self.trainer, **(self.trainer_of(detector) if self.trainer_of else {})}
