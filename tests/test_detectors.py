@@ -260,6 +260,29 @@ def test_the_patch_head_runs_the_backbone_once_per_image_in_any_epochs(tmp_path,
     assert counts[15] == counts[45] > 0
 
 
+def test_the_cache_fills_with_the_same_features_as_the_network_scores_with():
+    """BatchNorm folded into a copy of the extractor (and bfloat16, where used) changes how the
+    cache is filled, not what it holds: the head trains on what scoring later computes."""
+    from defect_detection.models.batchnorm_folding import fold_batchnorm
+    from defect_detection.models.families.patchhead import PatchHeadNet
+
+    torch.manual_seed(0)
+    net = PatchHeadNet("efficientnet_lite0", (8, 16), pretrained=False, download=False).eval()
+    for m in net.features.modules():  # statistics that make folding do something
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 96, 160)
+    plain = net.levels(x)
+    folded = net.levels(x, fold_batchnorm(net.features))
+    for a, b in zip(plain, folded):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4 * float(a.abs().max()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = net.levels(x, fold_batchnorm(net.features))
+    for a, b in zip(plain, low):  # bfloat16 keeps ~3 significant digits
+        assert b.dtype == torch.float32 and float((a - b).abs().max()) <= 0.1 * float(a.abs().max())
+
+
 def test_the_feature_cache_is_sized_up_front_and_keeps_each_images_tiles_together():
     from defect_detection.models.families.patchhead import FeatureCache
 
