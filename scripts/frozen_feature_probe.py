@@ -42,10 +42,9 @@ from defect_detection.models.features import FeatureExtractor
 
 
 def auroc(scores, labels) -> float:
-    s, y = np.asarray(scores, dtype=float), np.asarray(labels)
-    pos, neg = s[y == 1], s[y == 0]
-    wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
-    return float(wins / (len(pos) * len(neg)))
+    from defect_detection.evaluation.metrics import auroc_of
+
+    return auroc_of(scores, labels)
 
 
 def records(args):

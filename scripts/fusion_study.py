@@ -25,9 +25,10 @@ from pathlib import Path
 import pandas as pd
 from mlflow import MlflowClient
 
-from defect_detection.auto.fusion import aligned, auroc, choose_fusion
+from defect_detection.auto.fusion import aligned, choose_fusion
 from defect_detection.auto.runner import auroc_se
 from defect_detection.data.summary import markdown_table
+from defect_detection.evaluation.metrics import auroc_of
 from defect_detection.evaluation.scores import download_scores
 
 
@@ -57,7 +58,7 @@ def study_row(client: MlflowClient, uri: str, row: dict, tie_se: float) -> dict 
     allowance = tie_se * auroc_se(best_single, n_good, n_defect)
     fusion = choose_fusion(val, allowance)
     fused_val = fusion.val_auroc[fusion.weight]
-    fused_test = auroc(fusion(test.a.to_numpy(), test.b.to_numpy()), test.label.to_numpy())
+    fused_test = auroc_of(fusion(test.a.to_numpy(), test.b.to_numpy()), test.label.to_numpy())
     # the fusion as auto's last candidate: chosen only when ahead of every candidate by the allowance
     picked = fusion.weight not in (0.0, 1.0) and fused_val > best_single + allowance
     winner_test = float(row["test/auroc"])
@@ -66,8 +67,8 @@ def study_row(client: MlflowClient, uri: str, row: dict, tie_se: float) -> dict 
         "fused": f"{label[sup.info.run_id]} + {label[pc.info.run_id]}",
         "weight (val)": fusion.weight, "val AUROC fused": round(fused_val, 4),
         "val AUROC best candidate": round(best_single, 4), "allowance": round(allowance, 4),
-        "test AUROC supervised": round(auroc(test.a, test.label), 4),
-        "test AUROC PatchCore": round(auroc(test.b, test.label), 4),
+        "test AUROC supervised": round(auroc_of(test.a, test.label), 4),
+        "test AUROC PatchCore": round(auroc_of(test.b, test.label), 4),
         "test AUROC fused": round(fused_test, 4), "auto winner test AUROC": round(winner_test, 4),
         "fusion chosen": picked,
         "auto + fusion test AUROC": round(fused_test if picked else winner_test, 4),

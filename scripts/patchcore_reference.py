@@ -58,12 +58,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def auroc(scores, labels) -> float:
-    import numpy as np
+    from defect_detection.evaluation.metrics import auroc_of
 
-    s, y = np.asarray(scores, dtype=float), np.asarray(labels)
-    pos, neg = s[y == 1], s[y == 0]
-    wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
-    return float(wins / (len(pos) * len(neg)))
+    return auroc_of(scores, labels)
 
 
 def batches(x, size: int):

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from defect_detection import UserError
-from defect_detection.auto.fusion import Standardiser, aligned, auroc, choose_fusion
+from defect_detection.auto.fusion import Standardiser, aligned, choose_fusion
+from defect_detection.evaluation.metrics import auroc_of as auroc
 
 
 def _split(seed: int, n_good: int = 60, n_defect: int = 40) -> pd.DataFrame:

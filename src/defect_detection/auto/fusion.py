@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
-from torchmetrics.functional.classification import binary_auroc
 
 from defect_detection.base import UserError
+from defect_detection.evaluation.metrics import auroc_of
 
 WEIGHTS = (1.0, 0.0, 0.75, 0.5, 0.25)  # singles first: they win ties
 
@@ -56,13 +55,6 @@ class Fusion:
         return self.weight * self.a(a_log_odds) + (1.0 - self.weight) * self.b(b_log_odds)
 
 
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    labels = np.asarray(labels, int)
-    if labels.min() == labels.max():
-        return float("nan")
-    return float(binary_auroc(torch.tensor(np.asarray(scores, float)), torch.tensor(labels)))
-
-
 def aligned(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     """Two runs' score tables of one split, joined on the image path (columns a, b, label)."""
     both = a[["path", "label", "log_odds"]].merge(b[["path", "log_odds"]], on="path", suffixes=("_a", "_b"))
@@ -79,7 +71,7 @@ def choose_fusion(val: pd.DataFrame, allowance: float = 0.0, weights: Sequence[f
     labels = val["label"].to_numpy()
     sa = Standardiser.of_goods(val["a"].to_numpy(), labels)
     sb = Standardiser.of_goods(val["b"].to_numpy(), labels)
-    tried = {float(w): auroc(w * sa(val["a"].to_numpy()) + (1 - w) * sb(val["b"].to_numpy()), labels)
+    tried = {float(w): auroc_of(w * sa(val["a"].to_numpy()) + (1 - w) * sb(val["b"].to_numpy()), labels)
              for w in weights}
     finite = [v for v in tried.values() if not np.isnan(v)]
     if not finite:

@@ -6,6 +6,8 @@ import logging
 import math
 from collections.abc import Mapping
 
+import numpy as np
+import pandas as pd
 import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -48,6 +50,16 @@ class DefinedAUROC(_Undefined, BinaryAUROC):
 
 class DefinedAveragePrecision(_Undefined, BinaryAveragePrecision):
     pass
+
+
+def auroc_of(scores, labels) -> float:
+    """AUROC of any real-valued scores (NaN when the labels hold one class). Their ranks go to the
+    metric, not the scores: torchmetrics squashes scores outside [0, 1] through a sigmoid, which
+    ties large ones (log-odds, distances, standardised scores) that were not tied."""
+    ranks = pd.Series(np.asarray(scores, dtype=float)).rank(method="average").to_numpy()
+    metric = DefinedAUROC()
+    metric.update(torch.tensor(ranks / max(1, len(ranks))), torch.tensor(np.asarray(labels, dtype=int)))
+    return float(metric.compute())
 
 
 def ranking_metrics(prefix: str) -> MetricCollection:
