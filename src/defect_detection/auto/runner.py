@@ -337,8 +337,7 @@ def run_auto(
                 _record(client, parent, k, outcomes[-1])
                 continue
             work = work_units(c, c_cfg.detector, profile.counts["train"]["good"])
-            probe = family_probe(c, c_cfg, profile, records) if outcomes else None
-            estimate = estimate_seconds(c, work, outcomes, probe)
+            estimate = estimate_seconds(c, work, outcomes, family_probe(c, c_cfg, profile, records))
             # the likeliest candidate always runs; later ones only while the budget lasts
             if outcomes and (used >= budget_s or (estimate is not None and used + estimate > budget_s)):
                 why = f"skipped: {used / 60:.1f} of {budget_s / 60:g} min used" + (

@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 FEATURE_DTYPES = ("auto", "bfloat16", "float32")
 
 
+def features_in_bf16(feature_dtype: str, device: torch.device) -> bool:
+    """Whether the cache is filled in bfloat16 (`detector.feature_dtype`) on this device."""
+    return feature_dtype == "bfloat16" or (feature_dtype == "auto" and bf16_supported(device))
+
+
 class PatchHeadNet(nn.Module):
     """Frozen features -> neighbourhood-averaged levels -> per-patch logits -> [0, z] logits."""
 
@@ -98,6 +103,12 @@ class PatchHeadNet(nn.Module):
                 m = F.max_pool2d(m, r, stride=r, ceil_mode=True)
             out.append(m)
         return out
+
+    def cached_levels(self, x: torch.Tensor, folded: nn.Module | None, bf16: bool) -> list[torch.Tensor]:
+        """`levels` as the cache is filled: through `folded` (the extractor with BatchNorm folded
+        in), in bfloat16 where `bf16`."""
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return self.levels(x.float(), folded)
 
     def patch_logits(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         """N x 1 x h x w defect logit per patch of the grid."""
@@ -227,8 +238,7 @@ class PatchHeadModule(DetectorModule):
         split = self.trainer.datamodule.split
         self.cache = FeatureCache(self.cache_gb, len(split.train) + len(split.val))
         self.backbone_seconds = 0.0
-        self.bf16_features = self.feature_dtype == "bfloat16" or (
-            self.feature_dtype == "auto" and bf16_supported(self.device))
+        self.bf16_features = features_in_bf16(self.feature_dtype, self.device)
         # the frozen extractor with BatchNorm folded into its convolutions: the same features for
         # the cache, without the normalisation passes (a third of Lite0's CPU time here)
         self.__dict__["_cache_features"] = fold_batchnorm(self.net.features)
@@ -267,8 +277,7 @@ class PatchHeadModule(DetectorModule):
             return levels, counts, target  # one tile per image: pooling is the identity
         x = b.x.contiguous(memory_format=torch.channels_last) if self.channels_last else b.x
         began = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16_features):
-            levels = self.net.levels(x.float(), self.__dict__.get("_cache_features"))
+        levels = self.net.cached_levels(x, self.__dict__.get("_cache_features"), self.bf16_features)
         self.backbone_seconds += time.perf_counter() - began
         target = (F.adaptive_max_pool2d(b.mask.float(), self._grid(levels)) if stage == "train"
                   and b.mask is not None else None)

@@ -11,10 +11,9 @@ from hydra.utils import instantiate
 from defect_detection.base import UserError
 from defect_detection.data.images import load_rgb
 from defect_detection.data.splits import Split
-from defect_detection.devices import bf16_supported
 from defect_detection.models.batchnorm_folding import fold_batchnorm
 from defect_detection.models.families.contract import Family
-from defect_detection.models.families.patchhead import PatchHeadModule, PatchHeadNet
+from defect_detection.models.families.patchhead import PatchHeadModule, PatchHeadNet, features_in_bf16
 from defect_detection.models.losses import build_loss
 from defect_detection.schema import ModelSettings, instantiable
 
@@ -91,16 +90,10 @@ def estimate_seconds(s: ModelSettings, hw: tuple[int, int], counts: Mapping[str,
                        neighbourhood=det.neighbourhood, topk=det.topk, grid_stride=det.grid_stride,
                        download=False).to(device).eval()
     x = torch.zeros(2, 3, *hw, device=device)
-    bf16 = det.feature_dtype == "bfloat16" or (det.feature_dtype == "auto" and bf16_supported(device))
-    folded = fold_batchnorm(net.features)
-
-    def levels(low: bool, features=None) -> list[torch.Tensor]:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
-            return net.levels(x, features)
-
-    per_fp32 = _timed(lambda: levels(False)) / len(x)
-    per_cached = _timed(lambda: levels(bf16, folded)) / len(x)
-    batch = [m.repeat(max(1, batch_size // len(x)), 1, 1, 1) for m in levels(False)]
+    bf16, folded = features_in_bf16(det.feature_dtype, device), fold_batchnorm(net.features)
+    per_fp32 = _timed(lambda: net.levels(x)) / len(x)  # scoring after fitting: the plain network
+    per_cached = _timed(lambda: net.cached_levels(x, folded, bf16)) / len(x)
+    batch = [m.repeat(max(1, batch_size // len(x)), 1, 1, 1) for m in net.levels(x)]
 
     def step() -> None:
         net.zero_grad()
